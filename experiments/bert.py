@@ -1,0 +1,39 @@
+"""BERT masked-LM baseline (Devlin et al. 2019): token masking, no span objective.
+
+Paper settings (§3.1, A.2): 15% of WordPiece tokens predicted, 80% [MASK] /
+10% random / 10% unchanged; Adam lr 1e-4, β1 0.9, β2 0.999, L2 weight decay
+0.01, 10k warmup steps then linear decay; dropout 0.1; GELU; 1M steps of 256
+sequences, 90% of them at length 128 (the single-length recipe here uses 512).
+NSP is not part of this baseline (see the objectives issue).
+
+  --config=experiments/bert.py:tiny   CPU-sized, on the bundled sample
+  --config=experiments/bert.py:wwm    whole-word masking variant
+"""
+
+from spanlm.configs import base_config, cpu_tiny, with_preset
+
+
+def wwm(c):
+  c.masking.scheme = "whole_word"
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.model.size = "base"
+  c.masking.scheme = "token"
+  c.masking.rate = 0.15
+  c.objective.sbo = False
+  c.train.num_steps = 1_000_000
+  c.train.batch_size = 256
+  c.train.seq_len = 512
+  c.train.log_every = 100
+  c.train.eval_every = 10_000
+  c.train.eval_batches = 50
+  c.train.checkpoint_every = 10_000
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.eps = 1e-6
+  c.schedule.name = "linear"
+  c.schedule.warmup_steps = 10_000
+  return with_preset(c, arg, {"tiny": cpu_tiny, "wwm": wwm})

@@ -1,0 +1,337 @@
+"""Raw text -> tokenized, packed rows in a TFDS array_record dataset.
+
+Tokenization happens once, offline, so training only does random-access reads
+of fixed-shape int32 rows (`pipeline.py`). A prepared directory is
+self-contained: the TFDS dataset, `spanlm_meta.json`, and a copy of the
+tokenizer that produced the ids.
+
+Row layout (single segment): `[CLS] t_1 ... t_k [SEP] [PAD]...` with
+k <= seq_len - 2. A document's paragraphs are concatenated and cut into
+consecutive rows; rows never cross documents and only a document's last row is
+short. Nothing is dropped, however short. `segment_ids` is all zeros here and
+exists so two-segment (NSP/SOP) layouts can be added without a format change.
+
+Validation split: with C_d the number of rows in documents 1..d (files in
+sorted order) and f the validation fraction, document d gives its *last*
+k_d = ceil(f*C_d) - ceil(f*C_{d-1}) rows to validation and the rest to train.
+So validation has ceil(f*N) >= 1 rows, spread over documents in proportion to
+their size (each book of a multi-book corpus contributes its ending), it is
+disjoint from train, and it is deterministic.
+
+Packed rows are held in memory before writing (4 bytes per token, briefly
+twice), fine up to a few hundred million tokens; prepare larger corpora in
+several output directories.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from fractions import Fraction
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from spanlm.data import corpus as corpus_lib
+from spanlm.data import sample
+from spanlm.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer, train_sentencepiece
+
+META_FILE = "spanlm_meta.json"
+MIN_SEQ_LEN = 8
+_ENCODE_CHUNK = 4096  # Paragraphs per multi-threaded encode_batch call.
+_PREPARE_HINT = "Create one with: python tools/prepare_corpus.py --input=GLOB --tokenizer=SP.model --out=DIR"
+
+
+class SpanlmCorpus(tfds.core.GeneratorBasedBuilder):
+  """Writes already packed rows; reading goes through `tfds.builder_from_directory`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  # TFDS looks for a checksums file next to a packaged builder's code, which
+  # needs the `importlib_resources` backport; nothing is downloaded, so skip it.
+  code_path = None
+
+  def __init__(self, *, rows: dict[str, np.ndarray], seq_len: int, **kwargs):
+    self._rows = rows
+    self._seq_len = seq_len
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    row = tfds.features.Tensor(shape=(self._seq_len,), dtype=np.int32)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="spanlm pretraining rows: [CLS] tokens [SEP] [PAD]...",
+        features=tfds.features.FeaturesDict({"input_ids": row, "segment_ids": row}),
+        disable_shuffling=True,  # Keep written order: ds[i] is row i, validation in document order.
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(rows) for split, rows in self._rows.items()}
+
+  def _generate_examples(self, rows: np.ndarray):
+    segment_ids = np.zeros(self._seq_len, np.int32)
+    for i, row in enumerate(rows):
+      yield i, {"input_ids": row, "segment_ids": segment_ids}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+  meta: dict[str, Any]
+  seq_len: int
+  vocab_size: int
+  tokenizer_path: str
+  train: Any       # Random-access TFDS data source: len(), ds[i] -> dict of np arrays.
+  validation: Any
+
+
+def pack_document(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+  """Cuts one document's tokens into int32 [num_rows, seq_len] rows of [CLS] ... [SEP] [PAD]*."""
+  body = seq_len - 2
+  n = len(tokens)
+  num_rows = -(-n // body)
+  chunks = np.full(num_rows * body, PAD_ID, np.int32)
+  chunks[:n] = tokens
+  rows = np.full((num_rows, seq_len), PAD_ID, np.int32)
+  rows[:, 0] = CLS_ID
+  rows[:, 1:-1] = chunks.reshape(num_rows, body)
+  lengths = np.minimum(body, n - body * np.arange(num_rows))
+  rows[np.arange(num_rows), lengths + 1] = SEP_ID
+  return rows
+
+
+def _num_text_tokens(rows: np.ndarray) -> int:
+  return int(np.isin(rows, (PAD_ID, CLS_ID, SEP_ID), invert=True).sum())
+
+
+def _tokenize_documents(docs, tokenizer: Tokenizer, num_threads: int):
+  """Yields each document's int32 tokens, encoding paragraphs in large multi-threaded batches."""
+  counts, texts = [], []  # Paragraphs per pending document, and their text.
+
+  def flush():
+    ids = iter(tokenizer.encode_batch(texts, num_threads=num_threads))
+    for count in counts:
+      yield np.fromiter((t for _ in range(count) for t in next(ids)), np.int32)
+    counts.clear()
+    texts.clear()
+
+  for doc in docs:
+    counts.append(len(doc.paragraphs))
+    texts.extend(doc.paragraphs)
+    if len(texts) >= _ENCODE_CHUNK:
+      yield from flush()
+  yield from flush()
+
+
+def _validation_counts(rows_per_doc: list[int], fraction: float) -> list[int]:
+  """k_d = ceil(f*C_d) - ceil(f*C_{d-1}), exact in rational arithmetic (see module docstring)."""
+  f = Fraction(str(fraction))
+  cumulative = np.cumsum([0] + rows_per_doc).tolist()
+  targets = [math.ceil(f * c) for c in cumulative]
+  return [b - a for a, b in zip(targets, targets[1:])]
+
+
+def _file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _read_meta(path: str) -> dict[str, Any] | None:
+  try:
+    with open(os.path.join(path, META_FILE)) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def is_prepared(path: str) -> bool:
+  """Whether `path` holds a complete prepared dataset (the meta file is written last)."""
+  meta = _read_meta(path)
+  return bool(meta) and os.path.isfile(os.path.join(path, meta.get("tfds_dir", ""), "dataset_info.json"))
+
+
+def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: int,
+                   validation_fraction: float = 0.01, num_threads: int = 0,
+                   strict: bool = True) -> dict[str, Any]:
+  """Tokenizes and packs a raw corpus into a TFDS array_record dataset at `out_dir`.
+
+  Args:
+    files_or_glob: glob, comma-separated globs, or list of .txt/.txt.gz files.
+    tokenizer_path: SentencePiece `.model` with spanlm's reserved ids.
+    out_dir: empty/new directory, or a previous spanlm dataset prepared with
+      the same parameters (which is rebuilt).
+    seq_len: row length including [CLS] and [SEP].
+    validation_fraction: share of rows held out, in (0, 1); see module docstring.
+    num_threads: tokenizer threads, <= 0 for all cores.
+    strict: raise on bad input files instead of skipping them.
+
+  Returns:
+    Stats: rows/tokens per split, skipped files, tokens_per_sec, ...
+  """
+  if seq_len < MIN_SEQ_LEN:
+    raise ValueError(f"seq_len={seq_len} is too short; need >= {MIN_SEQ_LEN} ([CLS] + tokens + [SEP]).")
+  if not 0 < validation_fraction < 1:
+    raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1).")
+  files = corpus_lib.resolve_files(files_or_glob)
+  tokenizer = Tokenizer.load(tokenizer_path)
+  params = {
+      "seq_len": seq_len,
+      "validation_fraction": validation_fraction,
+      "tokenizer_sha256": _file_sha256(tokenizer_path),
+      "source_files": [os.path.abspath(f) for f in files],
+  }
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    old = _read_meta(out_dir)
+    if not old or old.get("params") != params:
+      what = "a spanlm dataset prepared with different parameters" if old else "not a spanlm dataset"
+      raise FileExistsError(
+          f"Refusing to overwrite {out_dir}: it is not empty and is {what}. "
+          f"Delete it or choose another output directory.")
+    logging.info("Rebuilding %s (same parameters as before).", out_dir)
+    os.remove(os.path.join(out_dir, META_FILE))
+    shutil.rmtree(os.path.join(out_dir, old["tfds_dir"]), ignore_errors=True)
+
+  start = time.perf_counter()
+  stats = corpus_lib.CorpusStats()
+  docs = corpus_lib.read_documents(files, strict=strict, stats=stats)
+  splits = {"train": [], "validation": []}
+  doc_rows = []
+  for tokens in _tokenize_documents(docs, tokenizer, num_threads):
+    if len(tokens):
+      doc_rows.append(pack_document(tokens, seq_len))
+  num_tokens = sum(_num_text_tokens(r) for r in doc_rows)
+  counts = _validation_counts([len(r) for r in doc_rows], validation_fraction)
+  for rows, k in zip(doc_rows, counts):
+    splits["train"].append(rows[:len(rows) - k])
+    splits["validation"].append(rows[len(rows) - k:])
+  splits = {name: np.concatenate(parts) for name, parts in splits.items()}
+  num_rows = sum(len(r) for r in splits.values())
+  if not len(splits["train"]):
+    raise ValueError(
+        f"The corpus packs into only {num_rows} row(s) of seq_len={seq_len}, too few to hold out "
+        f"validation_fraction={validation_fraction} and keep any training rows; add text or lower seq_len.")
+  tokenize_seconds = time.perf_counter() - start
+  logging.info("Tokenized and packed %d tokens into %d rows in %.1fs (%.0f tokens/s).",
+               num_tokens, num_rows, tokenize_seconds, num_tokens / tokenize_seconds)
+
+  tfds.disable_progress_bar()
+  with tempfile.TemporaryDirectory() as download_dir:
+    builder = SpanlmCorpus(rows=splits, seq_len=seq_len, data_dir=out_dir, file_format="array_record")
+    builder.download_and_prepare(download_dir=download_dir)
+  tokenizer_copy = os.path.join(out_dir, os.path.basename(tokenizer_path))
+  if not os.path.exists(tokenizer_copy) or not os.path.samefile(tokenizer_path, tokenizer_copy):
+    shutil.copy(tokenizer_path, tokenizer_copy)
+  total_seconds = time.perf_counter() - start
+
+  stats_out = {
+      "seq_len": seq_len,
+      "vocab_size": tokenizer.vocab_size,
+      "tokenizer": os.path.basename(tokenizer_path),
+      "files_read": stats.files_read,
+      "files_skipped": stats.files_skipped,
+      "paragraphs": stats.paragraphs,
+      "characters": stats.characters,
+      "tokens": num_tokens,
+      **{f"{name}_rows": len(rows) for name, rows in splits.items()},
+      **{f"{name}_tokens": _num_text_tokens(rows) for name, rows in splits.items()},
+      "tokenize_seconds": round(tokenize_seconds, 3),
+      "tokens_per_sec": round(num_tokens / tokenize_seconds),
+      "total_seconds": round(total_seconds, 3),
+      "overall_tokens_per_sec": round(num_tokens / total_seconds),
+  }
+  meta = {**stats_out, "params": params, "tfds_dir": os.path.relpath(builder.data_dir, out_dir)}
+  with open(os.path.join(out_dir, META_FILE), "w") as f:  # Written last: marks the dataset complete.
+    json.dump(meta, f, indent=2)
+  logging.info("Wrote %s in %.1fs (%.0f tokens/s overall).", out_dir, total_seconds, num_tokens / total_seconds)
+  return {**stats_out, "out_dir": out_dir}
+
+
+def load_prepared(data_dir: str) -> PreparedDataset:
+  """Opens a prepared dataset's train/validation splits as random-access data sources."""
+  meta = _read_meta(data_dir)
+  if meta is None:
+    raise FileNotFoundError(
+        f"{data_dir!r} is not a prepared spanlm dataset: {os.path.join(data_dir, META_FILE)} is missing "
+        f"or unreadable. {_PREPARE_HINT}")
+  tfds_dir = os.path.join(data_dir, meta["tfds_dir"])
+  tokenizer_path = os.path.join(data_dir, meta["tokenizer"])
+  for path in (os.path.join(tfds_dir, "dataset_info.json"), tokenizer_path):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"Prepared dataset {data_dir!r} is incomplete: {path} is missing. {_PREPARE_HINT}")
+  builder = tfds.builder_from_directory(tfds_dir)
+  return PreparedDataset(
+      meta=meta, seq_len=meta["seq_len"], vocab_size=meta["vocab_size"], tokenizer_path=tokenizer_path,
+      train=builder.as_data_source("train"), validation=builder.as_data_source("validation"))
+
+
+def _fingerprint(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+
+def _file_key(path: str) -> list:
+  st = os.stat(path)
+  return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = "",
+                    vocab_size: int = 8000, validation_fraction: float = 0.01) -> str:
+  """Returns a prepared dataset directory for `corpus`, preparing it if needed.
+
+  `corpus` is '' (the bundled sample, with its shipped tokenizer unless
+  `tokenizer` is given), a prepared dataset directory (used as is), or a glob
+  of raw text, prepared into `workdir/data/<hash of files, sizes, mtimes,
+  tokenizer, seq_len>` so rerunning the same command reuses it. With raw text
+  and no `tokenizer`, a `vocab_size` SentencePiece model is trained on it.
+
+  With several JAX processes, process 0 prepares and the others wait at a
+  barrier; `workdir` must be on a filesystem all processes share.
+  """
+  if corpus and is_prepared(corpus):
+    meta = _read_meta(corpus)
+    if meta["seq_len"] != seq_len:
+      raise ValueError(
+          f"Prepared dataset {corpus!r} has seq_len={meta['seq_len']} but seq_len={seq_len} was "
+          f"requested. Re-prepare it with tools/prepare_corpus.py --seq_len={seq_len}, or pass the raw "
+          f"text glob instead.")
+    if tokenizer and _file_sha256(tokenizer) != meta["params"]["tokenizer_sha256"]:
+      raise ValueError(
+          f"Tokenizer {tokenizer!r} differs from the one {corpus!r} was prepared with "
+          f"({meta['tokenizer']}); leave the tokenizer unset to use the dataset's own.")
+    return corpus
+  if corpus and os.path.isdir(corpus):
+    raise FileNotFoundError(
+        f"{corpus!r} is a directory but not a prepared spanlm dataset ({META_FILE} or its TFDS files are "
+        f"missing). Pass a glob of raw text such as '{os.path.join(corpus, '*.txt')}', or prepare it with tools/prepare_corpus.py.")
+  files = corpus_lib.resolve_files(corpus) if corpus else sample.corpus_files()
+  tokenizer = tokenizer or ("" if corpus else sample.tokenizer_path())
+  if tokenizer and not os.path.isfile(tokenizer):
+    raise FileNotFoundError(
+        f"Tokenizer {tokenizer!r} does not exist. Leave it unset to train one on the corpus, or create "
+        f"one with tools/train_tokenizer.py.")
+  tokenizer_key = _file_key(tokenizer) if tokenizer else ["train", vocab_size]
+  key = _fingerprint([_file_key(f) for f in files], tokenizer_key, seq_len, validation_fraction)
+  out_dir = os.path.join(workdir, "data", key)
+  if is_prepared(out_dir):
+    logging.info("Reusing prepared dataset %s", out_dir)
+    return out_dir
+  if jax.process_index() == 0:
+    shutil.rmtree(out_dir, ignore_errors=True)  # Ours by construction: a partial earlier attempt.
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out_dir)) as tmp:
+      if not tokenizer:
+        tokenizer = train_sentencepiece(files, os.path.join(tmp, f"sp{vocab_size}"), vocab_size)
+      prepare_corpus(files, tokenizer, out_dir, seq_len, validation_fraction)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"spanlm_prepare_{key}")
+  if not is_prepared(out_dir):
+    raise FileNotFoundError(f"{out_dir} was not prepared by process 0; is workdir on a shared filesystem?")
+  return out_dir

@@ -1,0 +1,84 @@
+"""Pretraining heads over the encoder, evaluated only at the predicted positions.
+
+The heads take hidden states already gathered at the P masked positions of each
+row ([B, P, H]), so the vocabulary projection costs B·P·H·V rather than B·L·H·V
+(P = ceil(0.15·L)). Both decoders are tied to the input embedding table.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from spanlm.models.bert import BertConfig, BertEncoder, _init, _zeros, dense, layer_norm
+
+
+class Transform(nn.Module):
+  """Dense(H) -> GELU -> LayerNorm, the BERT prediction-head transform."""
+
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    x = dense(self.cfg, self.cfg.hidden_size, ("embed_in", "embed"), "dense")(x)
+    return layer_norm(self.cfg, "norm")(nn.gelu(x, approximate=False))
+
+
+def gather(x, positions):
+  """x: [B, L, ...], positions: [B, P] -> [B, P, ...]."""
+  return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+class SpanBoundaryHead(nn.Module):
+  """SpanBERT's Span Boundary Objective (Joshi et al. 2020, eq. 1-2).
+
+  For a masked token x_i in span (s, e): y_i = f(x_{s-1}, x_{e+1}, p_{i-s+1}),
+  f a 2-layer FFN with GELU and LayerNorm over the concatenated boundary
+  representations and a relative-position embedding of the target in its span.
+  """
+
+  cfg: BertConfig
+  max_span_tokens: int
+
+  @nn.compact
+  def __call__(self, hidden, left, right, relative_position):
+    cfg = self.cfg
+    table = self.param("position_embeddings", _init(cfg, ("pos", "embed")),
+                       (self.max_span_tokens, cfg.hidden_size))
+    rel = jnp.take(table, jnp.clip(relative_position, 0, self.max_span_tokens - 1), axis=0)
+    h = jnp.concatenate([gather(hidden, left), gather(hidden, right), rel.astype(hidden.dtype)], -1)
+    for i in range(2):
+      h = nn.gelu(dense(cfg, cfg.hidden_size, ("embed_in", "embed"), f"dense_{i}")(h), approximate=False)
+      h = layer_norm(cfg, f"norm_{i}")(h)
+    return h
+
+
+class BertForPretraining(nn.Module):
+  """Encoder + tied MLM head (+ SBO head when `sbo`).
+
+  Returns logits [B, P, V] at `positions` for MLM, and for SBO when enabled.
+  """
+
+  cfg: BertConfig
+  sbo: bool = False
+  max_span_tokens: int = 64
+
+  def setup(self):
+    self.encoder = BertEncoder(self.cfg)
+    self.mlm_transform = Transform(self.cfg)
+    self.mlm_bias = self.param("mlm_bias", _zeros(("vocab",)), (self.cfg.vocab_size,))
+    if self.sbo:
+      self.sbo_head = SpanBoundaryHead(self.cfg, self.max_span_tokens)
+      self.sbo_bias = self.param("sbo_bias", _zeros(("vocab",)), (self.cfg.vocab_size,))
+
+  def __call__(self, input_ids, segment_ids, attention_mask, positions, left=None, right=None,
+               deterministic: bool = True):
+    hidden = self.encoder(input_ids, segment_ids, attention_mask, deterministic=deterministic)
+    if self.cfg.use_pooler:
+      hidden = hidden[0]
+    attend = self.encoder.embeddings.attend
+    out = {"mlm_logits": attend(self.mlm_transform(gather(hidden, positions))) + self.mlm_bias}
+    if self.sbo:
+      y = self.sbo_head(hidden, left, right, positions - left - 1)
+      out["sbo_logits"] = attend(y) + self.sbo_bias
+    return out

@@ -1,0 +1,119 @@
+"""The command-line job end to end: train, evaluate, checkpoint, resume, refuse bad input."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small enough to run in seconds; the data path (bundled sample -> array_record -> grain) is the real one.
+FAST = ["--config.train.batch_size=16", "--config.train.seq_len=64", "--config.train.log_every=5",
+        "--config.train.eval_every=10", "--config.train.eval_batches=2", "--config.train.checkpoint_every=10",
+        "--config.schedule.warmup_steps=5"]
+
+
+def spanlm_main(workdir, *args, config="experiments/span_bert.py:tiny"):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+  return subprocess.run([sys.executable, "-m", "spanlm.main", f"--config={config}", f"--workdir={workdir}",
+                         *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def params_digest(workdir, step):
+  """Parameters of checkpoint `step`, read back with Orbax, as one flat vector."""
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  tree = ocp.StandardCheckpointer().restore(path)
+  import jax
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree["params"])])
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+  """20 steps in one go, and 10 + 10 steps over two invocations of the same command."""
+  straight = tmp_path_factory.mktemp("straight")
+  split = tmp_path_factory.mktemp("split")
+  runs = {
+      "straight": spanlm_main(straight, *FAST, "--config.train.num_steps=20"),
+      "first": spanlm_main(split, *FAST, "--config.train.num_steps=20", "--config.train.stop_at_step=10"),
+      "second": spanlm_main(split, *FAST, "--config.train.num_steps=20"),
+      "again": spanlm_main(split, *FAST, "--config.train.num_steps=20"),
+  }
+  for name, r in runs.items():
+    assert r.returncode == 0, f"{name} run failed:\n{r.stderr[-4000:]}"
+  return straight, split, runs
+
+
+def test_tiny_run_trains_evaluates_and_checkpoints(resumed_run):
+  straight, _, runs = resumed_run
+  rows = read_metrics(straight)
+  train = [r for r in rows if "train/loss" in r]
+  evals = [r for r in rows if "eval/mlm_accuracy" in r]
+  assert [r["step"] for r in train] == [5, 10, 15, 20]
+  assert [r["step"] for r in evals] == [10, 20]
+  for key in ("train/mlm_loss", "train/sbo_loss", "learning_rate", "tokens_per_sec"):
+    assert all(np.isfinite(r[key]) for r in train), key
+  assert train[-1]["train/loss"] < train[0]["train/loss"]
+  assert evals[-1]["eval/mlm_loss"] < evals[0]["eval/mlm_loss"]
+  assert sorted(os.listdir(straight / "checkpoints")) == ["10", "20"]
+  assert os.listdir(straight / "tensorboard")
+  assert "held-out mlm loss" in runs["straight"].stderr
+  assert json.loads(runs["straight"].stdout.strip().splitlines()[-1])["step"] == 20
+
+
+def test_rerun_continues_and_matches_an_uninterrupted_run(resumed_run):
+  straight, split, runs = resumed_run
+  assert "resumed from" in runs["second"].stderr and "at step 10" in runs["second"].stderr
+  second_steps = [r["step"] for r in read_metrics(split) if "train/loss" in r]
+  assert second_steps == [5, 10, 15, 20]  # the second invocation logged only steps 15 and 20
+  # Same parameters as the uninterrupted run: RNG, optimizer state and data position all restored.
+  np.testing.assert_array_equal(params_digest(straight, 20), params_digest(split, 20))
+
+
+def test_rerun_of_a_finished_run_says_so(resumed_run):
+  _, _, runs = resumed_run
+  assert "run is complete" in runs["again"].stderr
+  assert json.loads(runs["again"].stdout.strip().splitlines()[-1]) == {"step": 20, "complete": True}
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+  r = spanlm_main(tmp_path, "--config.train.num_stepz=3")
+  assert r.returncode != 0
+  assert "--config.train.num_stepz names a config field that does not exist" in r.stderr
+  assert "Did you mean \"num_steps\"" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_seq_len_beyond_positions_is_a_clear_error(tmp_path):
+  r = spanlm_main(tmp_path, "--config.train.seq_len=1024")
+  assert r.returncode == 2
+  assert "seq_len=1024 exceeds the model's max_position_embeddings=512" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("content,problem", [(b"", "empty"), (b"\x00\x01\x02binary\x00" * 100, "binary")])
+def test_bad_corpus_file_is_named(tmp_path, content, problem):
+  bad = tmp_path / "corpus" / "bad.txt"
+  bad.parent.mkdir()
+  bad.write_bytes(content)
+  with gzip.open(tmp_path / "corpus" / "good.txt.gz", "wt") as f:
+    f.write("a perfectly fine paragraph of text.\n\n" * 50)
+  r = spanlm_main(tmp_path / "work", f"--config.data.corpus={tmp_path}/corpus/*",
+                  f"--config.data.tokenizer={ROOT}/spanlm/data/sample/sample_sp8k.model")
+  assert r.returncode == 2
+  assert "bad.txt" in r.stderr and problem in r.stderr.lower()
+  assert "Traceback" not in r.stderr
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+  r = spanlm_main(tmp_path, "--config.data.tokenizer=/nonexistent/sp.model")
+  assert r.returncode == 2
+  assert "/nonexistent/sp.model" in r.stderr and "does not exist" in r.stderr
