@@ -113,15 +113,15 @@ def cpu_tiny(c: ml_collections.ConfigDict) -> None:
   """A BERT-tiny run that trains in about two minutes on two CPU cores."""
   c.model.size = "tiny"
   c.model.dropout_rate = 0.0  # a short run underfits; dropout only slows it down
-  c.train.num_steps = 600
+  c.train.num_steps = 500
   c.train.batch_size = 32
   c.train.seq_len = 128
   c.train.log_every = 50
-  c.train.eval_every = 200
+  c.train.eval_every = 100
   c.train.eval_batches = 8
-  c.train.checkpoint_every = 200
+  c.train.checkpoint_every = 250
   c.optimizer.learning_rate = 1e-3  # small models take (and need) a larger step
-  c.schedule.warmup_steps = 60
+  c.schedule.warmup_steps = 50
 
 
 _CHOICES = {
