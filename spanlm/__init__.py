@@ -24,3 +24,11 @@ from spanlm.parallel import make_mesh
 from spanlm.train import Trainer, TrainState, build_model, train_and_evaluate
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BertConfig", "BertEncoder", "BertForPretraining", "MaskedBatch", "PRESETS", "Predictions",
+    "SpanBoundaryHead", "TrainState", "Trainer", "apply_masking", "base_config", "build_model",
+    "config_for", "load_config", "make_mesh", "make_optimizer", "mask_spans", "mask_tokens",
+    "mask_whole_words", "max_predictions", "pretraining_sums", "select_predictions", "summarize",
+    "total_loss", "train_and_evaluate", "validate_config", "weighted_cross_entropy",
+]

@@ -10,8 +10,6 @@ rest.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import time
 from typing import Any
@@ -32,7 +30,7 @@ from spanlm.models.bert import config_for
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import make_optimizer
 
-PAD_ID = 0
+PAD_ID = 0  # spanlm.data.tokenizer.PAD_ID; not imported, so the model side never loads TFDS
 
 
 class TrainState(struct.PyTreeNode):
@@ -100,8 +98,7 @@ class Trainer:
     return ids, ids, ids != PAD_ID, pos, pos, pos + 1
 
   def _init(self, rng):
-    params = self.model.init({"params": rng}, *self._dummy_inputs())["params"]
-    return params
+    return self.model.init({"params": rng}, *self._dummy_inputs())["params"]
 
   def _build_shardings(self):
     boxed = jax.eval_shape(self._init, jax.random.PRNGKey(0))
