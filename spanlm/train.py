@@ -30,9 +30,6 @@ from spanlm.models.bert import config_for
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import make_optimizer
 
-PAD_ID = 0  # spanlm.data.tokenizer.PAD_ID; not imported, so the model side never loads TFDS
-
-
 class TrainState(struct.PyTreeNode):
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
@@ -95,7 +92,7 @@ class Trainer:
   def _dummy_inputs(self):
     ids = jnp.zeros((1, self.seq_len), jnp.int32)
     pos = jnp.zeros((1, self.num_predictions), jnp.int32)
-    return ids, ids, ids != PAD_ID, pos, pos, pos + 1
+    return ids, ids, ids != masking.PAD_ID, pos, pos, pos + 1
 
   def _init(self, rng):
     return self.model.init({"params": rng}, *self._dummy_inputs())["params"]
@@ -142,7 +139,7 @@ class Trainer:
     masked = self.mask(rng, batch["input_ids"])
     preds = objectives.select_predictions(masked, self.num_predictions)
     return dict(input_ids=masked.input_ids, segment_ids=batch["segment_ids"],
-                attention_mask=batch["input_ids"] != PAD_ID, positions=preds.positions,
+                attention_mask=batch["input_ids"] != masking.PAD_ID, positions=preds.positions,
                 targets=preds.targets, weights=preds.weights, left=preds.left, right=preds.right)
 
   def _sums(self, params, mb, dropout_rng, deterministic):
@@ -217,7 +214,7 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _local_rows(batch: dict, mesh) -> dict:
+def _local_rows(batch: dict) -> dict:
   """This process's rows of a host-global eval batch (all rows on one process)."""
   n, i = jax.process_count(), jax.process_index()
   rows = len(batch["input_ids"]) // n
@@ -256,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = pipeline.train_iterator(dataset.train, global_batch_size=t.batch_size, seed=config.seed,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
-  eval_data = [_local_rows(b, mesh) for b in pipeline.eval_batches(
+  eval_data = [_local_rows(b) for b in pipeline.eval_batches(
       dataset.validation, batch_size=t.batch_size, max_batches=t.eval_batches or None)]
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)
   start = checkpointer.latest_step()

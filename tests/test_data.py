@@ -86,6 +86,14 @@ def test_reserved_ids_and_word_start_table(tok):
   assert 0.5 < table.mean() < 1  # Most pieces of an English unigram model start words.
 
 
+def test_masking_uses_the_tokenizers_reserved_ids():
+  # masking.py keeps its own copy (so the jitted side never imports TFDS); they must agree.
+  from spanlm import masking
+  from spanlm.data import tokenizer
+  for name in ("PAD_ID", "UNK_ID", "CLS_ID", "SEP_ID", "MASK_ID", "NUM_RESERVED"):
+    assert getattr(masking, name) == getattr(tokenizer, name), name
+
+
 def test_encode_decode_round_trip(tok):
   texts = ["The quick brown fox jumps over the lazy dog.", "Call me Ishmael, said he."]
   encoded = tok.encode_batch(texts, num_threads=2)
