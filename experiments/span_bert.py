@@ -39,6 +39,6 @@ def get_config(arg=None):
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-6
-  c.schedule.name = "linear"
+  c.schedule.name = "warmup_linear"
   c.schedule.warmup_steps = 10_000
   return with_preset(c, arg, {"tiny": cpu_tiny, "large": large})

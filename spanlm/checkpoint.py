@@ -5,36 +5,97 @@ the data iterator's state (JSON), so a resumed run sees the same batches it
 would have seen had it never stopped. Restores always go through an abstract
 tree (shapes, dtypes, shardings), which lets a checkpoint be restored straight
 into the sharding of the current mesh.
+
+Atomicity and corruption (docs/robustness.md). Orbax writes step N into
+`N.orbax-checkpoint-tmp-*` and renames it to `N` only once every file is
+written, so a crash mid-write leaves a tmp dir that `all_steps()` ignores. A
+checkpoint can still be damaged later (truncated copy, bit rot, a deleted
+file), and flipped bytes inside raw array data pass Orbax's own checks. So
+each save also stores `state_sha256`, the SHA-256 of the state's leaves
+(`resilience.tree_digest`), in the JSON item; `restore_latest` recomputes it
+after reading and, if the newest checkpoint cannot be read or does not match,
+warns, moves it to `checkpoints_corrupt/` and falls back to the previous one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from spanlm import resilience
+
+DIGEST_KEY = "state_sha256"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint could not be written, or no stored checkpoint can be restored."""
+
+
+def _write_errno(e: BaseException) -> int | None:
+  """The errno behind a failed write: an OSError in `e`'s cause/context chain, or TensorStore's
+  `[os_error_code='28']` inside the ValueError it raises for a failed file write."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    if match := re.search(r"os_error_code='(\d+)'", str(e)):
+      return int(match.group(1))
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 class Checkpointer:
   """Save/restore {'state': TrainState, 'data': iterator state} under workdir/checkpoints."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(
+  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
+               verify_digest: bool = True):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.verify_digest = verify_digest
+    self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data"))
+    self._manager = self._open()
+
+  def _open(self):
+    return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_state: dict | None = None) -> bool:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state or {}))
-    return self._manager.save(step, args=args, force=True)
+    data = dict(data_state or {})
+    if self.verify_digest and resilience.fully_addressable(state):
+      data[DIGEST_KEY] = resilience.tree_digest(state)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))
+    try:
+      return self._manager.save(step, args=args, force=True)
+    except Exception as e:  # the async write of the previous save surfaces here too
+      self._raise_write_error(step, e)
+
+  def _raise_write_error(self, step, e):
+    code = _write_errno(e)
+    if code is None:
+      raise e
+    hint = {errno.ENOSPC: "free some space or point --workdir at a larger disk",
+            errno.EDQUOT: "free some space or point --workdir at a larger disk",
+            errno.EFBIG: "the file size limit (ulimit -f) is too small for a checkpoint",
+            errno.EACCES: "make it writable or choose another --workdir",
+            errno.EROFS: "the filesystem is read-only; choose another --workdir"}.get(
+                code, "check the disk and the directory's permissions")
+    raise CheckpointError(
+        f"could not write a checkpoint to {self.directory} (while saving step {step}): {os.strerror(code)} "
+        f"({hint}). The checkpoints already written are intact.") from e
 
   def restore(self, step: int, abstract_state):
     """Restore into the shapes/dtypes/shardings of `abstract_state` (ShapeDtypeStructs)."""
@@ -47,16 +108,86 @@ class Checkpointer:
           f"checkpoint step {step} in {self.directory} does not match the current model/optimizer "
           f"config (was the config changed since it was written?). Use a new --workdir, or restore "
           f"the original config. Cause: {e}") from e
-    return restored.state, dict(restored.data or {})
+    state, data = restored.state, dict(restored.data or {})
+    expected = data.pop(DIGEST_KEY, None)
+    if self.verify_digest and expected and resilience.fully_addressable(state):
+      actual = resilience.tree_digest(state)
+      if actual != expected:
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: the SHA-256 of "
+                              f"its state is {actual[:16]}..., it was saved as {expected[:16]}...")
+    return state, data
+
+  def restore_latest(self, abstract_state):
+    """(step, state, data) of the newest checkpoint that restores intact, or None if there is none.
+
+    An unreadable or corrupt checkpoint is logged and the previous one tried;
+    once one restores, the newer broken ones are moved to
+    workdir/checkpoints_corrupt/ (so the next save of that step has a free
+    slot). If none restores (a changed config, say) nothing is moved and the
+    newest one's error is raised.
+    """
+    failures = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self.restore(step, abstract_state)
+      except Exception as e:  # truncated/missing files surface as assorted errors from tensorstore
+        failures.append((step, e))
+        logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous "
+                        "one", step, self.directory, type(e).__name__, str(e)[:500])
+        continue
+      for bad, _ in failures:
+        self._quarantine(bad)
+      if failures:
+        logging.warning("resumed from step %d instead of %d; the unreadable checkpoints were moved "
+                        "to %s", step, failures[0][0], os.path.join(self.workdir, "checkpoints_corrupt"))
+      return (step, *restored)
+    if failures:
+      step, e = failures[0]
+      if isinstance(e, ValueError):
+        raise e
+      raise CheckpointError(f"no checkpoint in {self.directory} can be restored; the newest (step "
+                            f"{step}) failed with {type(e).__name__}: {e}") from e
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    if jax.process_index() == 0:
+      dest = os.path.join(self.workdir, "checkpoints_corrupt", f"{step}-{int(time.time())}")
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"spanlm_quarantine_{step}")
+    self._manager.reload()
 
   def wait(self):
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      self._raise_write_error(self.latest_step(), e)
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs carrying the target shardings, for restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def read_raw(step_dir: str):
+  """(state tree as numpy, data dict) of one step directory, without knowing the model.
+
+  For inspection only: Orbax restores the arrays from its own metadata (shapes,
+  dtypes), so no abstract tree is needed; the tree holds plain dicts and lists.
+  """
+  import json
+  state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+  data_path = os.path.join(step_dir, "data", "metadata")  # where JsonSave puts the dict
+  data = {}
+  if os.path.exists(data_path):
+    with open(data_path) as f:
+      data = json.load(f)
+  return state, data

@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # checkpoints kept on disk
   c.train.stop_at_step = 0  # end this invocation at this step, checkpointed (0 = num_steps);
   #                           for time-boxed jobs: the schedule still spans num_steps
+  c.train.max_nonfinite_steps = 10  # stop after this many consecutive NaN/inf steps (0 = never)
+  c.train.spike_window = 100  # steps in the loss-spike window (0 = no spike detection)
+  c.train.spike_k = 6.0  # a loss above window mean + spike_k * std is logged as a spike
+  c.train.inject_nonfinite_steps = ""  # testing only: "3,7" poisons those steps' gradients with NaN
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size (-1 = all remaining devices)
@@ -45,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # SentencePiece .model; "" = the sample's, or trained on the corpus
   c.data.vocab_size = 8000  # vocabulary size when a tokenizer has to be trained
   c.data.validation_fraction = 0.01  # held-out share of each document's rows
+  c.data.packing = "document"  # rows: document (never cross documents) | full_sentences
+  #   (RoBERTa: fill across documents, [SEP] between) | packed (short documents share a row,
+  #   attention blocked between them, positions restart); see spanlm/data/prepare.py
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "base"  # preset: tiny | mini | small | medium | base | large
@@ -57,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.attention_impl = ""  # "" (XLA decides) | xla | cudnn
   c.model.vocab_multiple = 128  # embedding rows padded to a multiple of this (sharding, MXU)
+  c.model.embedding_size = config_dict.placeholder(int)  # ALBERT factorized embeddings E (None = hidden_size)
+  c.model.share_layers = "none"  # ALBERT cross-layer sharing: none | all | attention | ffn
+  c.model.remat = "none"  # per-layer activation checkpointing: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  c.model.head_mask = ""  # attention heads switched off, "layer:head,..." 0-based, e.g. "0:3,5:1" (head ablation)
 
   c.masking = ml_collections.ConfigDict()
   c.masking.scheme = "token"  # token | whole_word | span
@@ -65,25 +76,48 @@ def base_config() -> ml_collections.ConfigDict:
   c.masking.random_prob = 0.1  # ... by a random token (the rest kept)
   c.masking.geometric_p = 0.2  # span length in words ~ Geo(p), truncated (span only)
   c.masking.max_span = 10  # longest span in words (span only)
+  c.masking.max_ngram = 3  # ngram only (ALBERT): n-grams of n <= max_ngram whole words, p(n) ∝ 1/n
 
   c.objective = ml_collections.ConfigDict()
+  c.objective.name = "mlm"  # pretraining objective (spanlm/pretraining.py OBJECTIVES): mlm | mlm_nsp | mlm_sop | ...
+  c.objective.pair_weight = 1.0  # mlm_nsp/mlm_sop: L = L_MLM (per token) + pair_weight * L_pair (per row)
   c.objective.sbo = False  # add SpanBERT's span boundary objective
   c.objective.sbo_weight = 1.0  # L = L_MLM + sbo_weight * L_SBO
   c.objective.max_span_tokens = 64  # SBO relative-position table size (longer spans clip)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # adamw | adam | sgd
+  c.optimizer.name = "adamw"  # adamw | adam | lamb | lars | sgd | sgd_hd | adam_hd (see docs/optimizers.md)
   c.optimizer.learning_rate = 1e-4  # peak learning rate
   c.optimizer.weight_decay = 0.01  # decoupled; not on LayerNorm or biases
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-6
   c.optimizer.grad_clip = 1.0  # global-norm clipping (0 = off)
-  c.optimizer.momentum = 0.9  # sgd only
+  c.optimizer.momentum = 0.9  # sgd, lars, sgd_hd (Nesterov, as SGDN-HD)
+  c.optimizer.trust_coefficient = 0.001  # lars: eta in eta ||w|| / (||g|| + wd ||w||)
+  c.optimizer.trust_min_norm = 0.0  # lamb: phi clips ||w|| to [min, max] in the trust ratio
+  c.optimizer.trust_max_norm = 0.0  # lamb: upper bound of phi (0 = none)
+  c.optimizer.hyper_lr = 0.0  # sgd_hd/adam_hd: the rate's own rate beta (0 = paper's: 1e-3 / 1e-7)
+  c.optimizer.hd_per_tensor = False  # sgd_hd/adam_hd: one adapted rate per parameter tensor
+  c.optimizer.groups = ()  # parameter groups: tuple of {"pattern": regex over 'a/b/kernel',
+  #                          "label": name, <optimizer key>: override}; first match wins
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "linear"  # linear | cosine | constant, after warmup
-  c.schedule.warmup_steps = 100  # linear warmup from 0 to the peak, in steps
+  c.schedule.name = "warmup_linear"  # warmup_linear | warmup_poly | warmup_cosine | triangular |
+  #   triangular2 | exp_range | onecycle | constant ('linear', 'cosine' = aliases); peak = optimizer LR
+  c.schedule.warmup_steps = 100  # linear warmup from 0 to the peak, in steps (warmup_* and constant)
+  c.schedule.min_learning_rate = 0.0  # decay floor; base LR of the cyclical schedules and onecycle
+  c.schedule.power = 1.0  # warmup_poly: (1 - progress)^power
+  c.schedule.cycle_steps = 0  # cyclical: half-cycle "step size" in steps (0 = num_steps // 2)
+  c.schedule.gamma = 0.9999  # exp_range: amplitude times gamma^step
+  c.schedule.pct_start = 0.45  # onecycle: share of num_steps spent rising (and again falling)
+  c.schedule.final_div_factor = 100.0  # onecycle: ends at min_learning_rate / this
+
+  c.ewc = ml_collections.ConfigDict()  # elastic weight consolidation (spanlm/optim/ewc.py)
+  c.ewc.fisher_path = ""  # .npz of tools/compute_fisher.py (Fisher + task-A params); "" = off
+  c.ewc.lambda_ = 0.0  # loss += lambda_/2 * sum_i F_i (theta_i - theta*_A,i)^2 (0 = off; the
+  #                     trailing _ because --config.ewc.lambda cannot be parsed: a Python keyword)
+  c.ewc.init_from_theta = False  # a fresh run starts from the task-A params stored in fisher_path
 
   c.lock()
   return c
@@ -128,7 +162,10 @@ _CHOICES = {
     ("model", "size"): tuple(PRESETS),
     ("model", "dtype"): ("float32", "bfloat16"),
     ("model", "attention_impl"): ("", "xla", "cudnn"),
-    ("masking", "scheme"): ("token", "whole_word", "span"),
+    ("model", "remat"): ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    ("data", "packing"): ("document", "full_sentences", "packed"),
+    ("masking", "scheme"): ("token", "whole_word", "span", "ngram"),
+    ("model", "share_layers"): ("none", "all", "attention", "ffn"),
 }
 
 
@@ -144,7 +181,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("num_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
     if not isinstance(t[key], int) or t[key] <= 0:
       fail(f"config.train.{key}={t[key]!r} must be a positive integer")
-  for key in ("eval_every", "eval_batches", "checkpoint_every", "stop_at_step"):
+  for key in ("eval_every", "eval_batches", "checkpoint_every", "stop_at_step",
+              "max_nonfinite_steps", "spike_window"):
     if not isinstance(t[key], int) or t[key] < 0:
       fail(f"config.train.{key}={t[key]!r} must be a non-negative integer")
   if t.batch_size % t.grad_accum_steps:
@@ -163,5 +201,89 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(f"config.masking mask_prob={m.mask_prob} + random_prob={m.random_prob} must be within [0, 1]")
   if not 0.0 < m.geometric_p <= 1.0 or m.max_span < 1:
     fail(f"config.masking geometric_p={m.geometric_p} must be in (0, 1] and max_span={m.max_span} >= 1")
+  from spanlm.pretraining import OBJECTIVES  # local: pretraining imports the model code
+  if config.objective.name not in OBJECTIVES:
+    fail(f"config.objective.name={config.objective.name!r}; choose one of {sorted(OBJECTIVES)}")
+  if config.objective.name in ("mlm_nsp", "mlm_sop") and config.data.packing == "packed":
+    fail(f"config.objective.name={config.objective.name!r} builds sentence pairs from single-document "
+         f"rows; use config.data.packing='document' (not 'packed')")
+  if not isinstance(m.max_ngram, int) or m.max_ngram < 1:
+    fail(f"config.masking.max_ngram={m.max_ngram!r} must be a positive integer")
+  e = config.model.embedding_size
+  if e is not None and (not isinstance(e, int) or e <= 0):
+    fail(f"config.model.embedding_size={e!r} must be a positive integer or None (= hidden_size)")
   if config.optimizer.learning_rate <= 0 or not math.isfinite(config.optimizer.learning_rate):
     fail(f"config.optimizer.learning_rate={config.optimizer.learning_rate} must be positive")
+  ewc = config.get("ewc")
+  if ewc is not None and (ewc.lambda_ < 0 or (ewc.lambda_ and not ewc.fisher_path)):
+    fail(f"config.ewc.lambda_={ewc.lambda_} needs to be >= 0, and > 0 only with config.ewc.fisher_path "
+         "set (the .npz written by tools/compute_fisher.py)")
+  if ewc is not None and ewc.get("init_from_theta") and not ewc.fisher_path:
+    fail("config.ewc.init_from_theta=True needs config.ewc.fisher_path (tools/compute_fisher.py's .npz)")
+  _validate_optimizer(config, fail)
+
+
+def _validate_optimizer(config, fail) -> None:
+  """config.optimizer / config.schedule checks (spanlm.optim's names and ranges)."""
+  import re
+  from spanlm.optim import HYPERGRADIENT, OPTIMIZERS
+  from spanlm.optim.schedules import ALIASES, CYCLICAL, SCHEDULES
+  o, s = config.optimizer, config.schedule
+  groups = tuple(o.groups or ())
+  for i, g in enumerate(groups):
+    where = f"config.optimizer.groups[{i}]"
+    if not isinstance(g, dict) or not isinstance(g.get("pattern"), str):
+      fail(f"{where}={g!r} must be a dict with a 'pattern' regex over '/'-joined parameter paths")
+    try:
+      re.compile(g["pattern"])
+    except re.error as e:
+      fail(f"{where} pattern {g['pattern']!r} is not a regular expression ({e})")
+    unknown = sorted(k for k in g if k not in ("pattern", "label") and (k == "groups" or k not in o))
+    if unknown:
+      fail(f"{where} has unknown keys {unknown}; overrides must be config.optimizer keys")
+  for i, opt in enumerate([o] + [{**o.to_dict(), **g} for g in groups]):
+    where = "config.optimizer" if i == 0 else f"config.optimizer.groups[{i - 1}]"
+    name = opt["name"]
+    if name not in OPTIMIZERS + (("frozen",) if i else ()):
+      fail(f"{where}.name={name!r}; choose one of {OPTIMIZERS}" + (" or 'frozen'" if i else ""))
+    lr = opt["learning_rate"]
+    if not isinstance(lr, (int, float)) or lr <= 0 or not math.isfinite(lr):
+      fail(f"{where}.learning_rate={lr!r} must be a positive number")
+    for key in ("b1", "b2", "momentum"):
+      if not 0.0 <= opt[key] < 1.0:
+        fail(f"{where}.{key}={opt[key]} must be in [0, 1)")
+    for key in ("eps", "weight_decay", "trust_min_norm", "trust_max_norm", "hyper_lr", "grad_clip"):
+      if opt[key] < 0:
+        fail(f"{where}.{key}={opt[key]} must be non-negative")
+    if opt["eps"] == 0 and name in ("adamw", "adam", "lamb", "adam_hd"):
+      fail(f"{where}.eps must be positive for {name}")
+    if opt["trust_coefficient"] <= 0:
+      fail(f"{where}.trust_coefficient={opt['trust_coefficient']} must be positive")
+    if opt["trust_max_norm"] and opt["trust_max_norm"] < opt["trust_min_norm"]:
+      fail(f"{where}.trust_max_norm={opt['trust_max_norm']} is below trust_min_norm={opt['trust_min_norm']}")
+  name = ALIASES.get(s.name, s.name)
+  if name not in SCHEDULES:
+    fail(f"config.schedule.name={s.name!r}; choose one of {SCHEDULES} (aliases {tuple(ALIASES)})")
+  if any(g.get("name", o.name) in HYPERGRADIENT for g in (o, *groups)) and (
+      name != "constant" or s.warmup_steps):
+    fail(f"config.optimizer.name={o.name!r} adapts its own learning rate from "
+         f"config.optimizer.learning_rate; set config.schedule.name=constant and "
+         f"config.schedule.warmup_steps=0")
+  if not 0 <= s.warmup_steps <= config.train.num_steps:
+    fail(f"config.schedule.warmup_steps={s.warmup_steps} must be in [0, train.num_steps]")
+  if not 0 <= s.min_learning_rate < o.learning_rate:
+    fail(f"config.schedule.min_learning_rate={s.min_learning_rate} must be in [0, "
+         f"config.optimizer.learning_rate={o.learning_rate}) (it is the floor/base; the LR is the peak)")
+  if name in CYCLICAL and s.min_learning_rate <= 0:
+    fail(f"config.schedule.min_learning_rate must be positive for {name} (it is the cycle's base LR; "
+         f"e.g. the low end of an LR range test)")
+  if s.power <= 0:
+    fail(f"config.schedule.power={s.power} must be positive")
+  if not isinstance(s.cycle_steps, int) or s.cycle_steps < 0:
+    fail(f"config.schedule.cycle_steps={s.cycle_steps!r} must be a non-negative integer (0 = num_steps // 2)")
+  if not 0 < s.gamma <= 1:
+    fail(f"config.schedule.gamma={s.gamma} must be in (0, 1]")
+  if not 0 < s.pct_start <= 0.5:
+    fail(f"config.schedule.pct_start={s.pct_start} must be in (0, 0.5]")
+  if s.final_div_factor < 1:
+    fail(f"config.schedule.final_div_factor={s.final_div_factor} must be >= 1")

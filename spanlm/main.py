@@ -49,7 +49,8 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   config = _CONFIG.value
-  if jax.default_backend() == "cpu" and config.model.size in _BIG_SIZES:
+  # Fine-tuning takes its size from config.init_checkpoint, not config.model.size.
+  if jax.default_backend() == "cpu" and config.model.size in _BIG_SIZES and not config.get("init_checkpoint"):
     logging.warning(
         "No accelerator found (JAX backend: cpu) and this is the full recipe (BERT-%s, batch %d x "
         "%d tokens): it runs, but very slowly. For a CPU-sized run use the :tiny preset, e.g. "
@@ -57,7 +58,11 @@ def main(argv):
         config.train.seq_len)
   from spanlm import train
 
-  result = train.train_and_evaluate(config, _WORKDIR.value)
+  if "task" in config and config.task.name:  # fine-tuning configs (spanlm.finetune.finetune_config)
+    from spanlm import finetune
+    result = finetune.run(config, _WORKDIR.value)
+  else:
+    result = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
 

@@ -7,6 +7,8 @@ Three schemes share one output contract (`MaskedBatch`):
   `create_pretraining_data.py --do_whole_word_mask`).
 * `mask_spans`: SpanBERT's geometric span masking (Joshi et al., 2020, §3.1),
   whose span boundaries feed the span-boundary objective (SBO, §3.2).
+* `mask_ngrams`: ALBERT's n-gram masking (Lan et al., 2020, §4.1), n-grams of
+  up to 3 whole words with p(n) ∝ 1/n (the span machinery, another length law).
 
 Everything is pure JAX with static shapes so that masking runs on device inside
 the jitted train step: each step draws fresh masks from the step's rng (dynamic
@@ -38,7 +40,7 @@ SEP_ID = 3
 MASK_ID = 4
 NUM_RESERVED = 5
 
-SCHEMES = ("token", "whole_word", "span")
+SCHEMES = ("token", "whole_word", "span", "ngram")
 
 
 class MaskedBatch(NamedTuple):
@@ -236,6 +238,51 @@ def mask_spans(
   )
 
 
+def mask_ngrams(
+    rng: jax.Array,
+    input_ids: jax.Array,
+    word_start_table: jax.Array,
+    *,
+    vocab_size: int,
+    rate: float = 0.15,
+    max_ngram: int = 3,
+    mask_prob: float = 0.8,
+    random_prob: float = 0.1,
+    mask_id: int = MASK_ID,
+    num_reserved: int = NUM_RESERVED,
+) -> MaskedBatch:
+  """ALBERT n-gram masking (Lan et al., 2020, §4.1): p(n) = (1/n) / Σ_{k=1}^{N} 1/k.
+
+  With N = `max_ngram` = 3 (the paper's), n = 1, 2, 3 whole words with
+  probabilities 6/11, 3/11, 2/11 (mean 1.64 words). Selection is `mask_spans`'
+  (uniform start word, overlap rejection, budget `round(rate * n)` tokens, the
+  last candidate shortened to whole words that fit) with this length law in
+  place of the geometric one, and one 80/10/10 decision per n-gram.
+  """
+  select_rng, corrupt_rng = jax.random.split(rng)
+  batch, seq_len = input_ids.shape
+  maskable = ~special_mask(input_ids)
+  sample = functools.partial(
+      _sample_spans,
+      log_probs=jnp.log(ngram_length_probs(max_ngram)),
+      num_candidates=_num_span_candidates(seq_len, rate),
+  )
+  unit = jax.vmap(sample)(
+      jax.random.split(select_rng, batch), maskable,
+      word_starts(input_ids, word_start_table), _budget(maskable, rate))
+  return _corrupt(
+      corrupt_rng, input_ids, unit, per_unit=True, vocab_size=vocab_size,
+      mask_prob=mask_prob, random_prob=random_prob, mask_id=mask_id,
+      num_reserved=num_reserved,
+  )
+
+
+def ngram_length_probs(max_ngram: int) -> np.ndarray:
+  """ALBERT's p(n) ∝ 1/n for n = 1..max_ngram (a static array)."""
+  inv = 1.0 / np.arange(1, max_ngram + 1)
+  return inv / inv.sum()
+
+
 def apply_masking(
     rng: jax.Array,
     input_ids: jax.Array,
@@ -267,6 +314,9 @@ def apply_masking(
         max_span=getattr(cfg, "max_span", 10),
         **common,
     )
+  if cfg.scheme == "ngram":
+    return mask_ngrams(rng, input_ids, word_start_table,
+                       max_ngram=getattr(cfg, "max_ngram", 3), **common)
   raise ValueError(f"Unknown masking scheme {cfg.scheme!r}; expected one of {SCHEMES}.")
 
 

@@ -10,6 +10,8 @@ Changing parallelism is a config change (`config.mesh.*`), never a model change.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 
@@ -32,6 +34,10 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("pos", None),
     ("type", None),
     ("length", None),
+    # Hidden states between layers (models.bert.ACTIVATION_AXES): rows over the data axes.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
 )
 
 
@@ -61,6 +67,31 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   # Auto axes: shardings are propagated by the compiler from the inputs' and
   # outputs' NamedShardings (jax.make_mesh defaults to Explicit axes now).
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("spanlm_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+  """Inside (while tracing the model), `constrain` pins activations to `mesh`.
+
+  Without the constraints XLA may shard the embedding gather's output along
+  `fsdp` (like the table) and then fully rematerialise it to batch sharding.
+  A context variable rather than a global mesh: flax would also constrain
+  every parameter it unboxes under a global mesh.
+  """
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x, logical_axes: tuple[str, ...]):
+  """Sharding constraint on an activation by logical axis names; a no-op outside `activation_sharding`."""
+  mesh = _ACTIVATION_MESH.get()
+  return x if mesh is None else nn.with_logical_constraint(x, logical_axes, rules=RULES, mesh=mesh)
 
 
 def logical_shardings(boxed_tree, mesh: Mesh):

@@ -1,11 +1,17 @@
 """Pretraining: the jitted, sharded train step and the loop around it.
 
-One compiled step does everything on device: mask the global batch (nothing
-random on the host), run the encoder and heads on each micro-batch, sum the
-gradients, normalise once by the global number of predicted tokens, clip, and
-apply the optax update. The state and the batch enter with explicit
-NamedShardings over the (data, fsdp, model) mesh; the compiler partitions the
-rest.
+One compiled step does everything on device: prepare the global batch (masking,
+pair building: nothing random on the host), compute the loss denominators over
+the whole global batch, run the model on each micro-batch, sum the gradients of
+the (already normalised, linear-in-sums) loss, clip, and apply the optax update.
+The state and the batch enter with explicit NamedShardings over the (data,
+fsdp, model) mesh; the compiler partitions the rest.
+
+What is computed is pluggable: `config.objective.name` picks an `Objective`
+(spanlm/pretraining.py: mlm | mlm_nsp | mlm_sop | ...) that provides the model,
+`prepare`, `denominators`, `sums`, `loss` and `metrics`; non-trained loss inputs
+(a distillation teacher) come from `objective.frozen_inputs(mesh)` and enter the
+jitted step as an explicit third argument, never as HLO constants.
 """
 
 from __future__ import annotations
@@ -24,11 +30,15 @@ from absl import logging
 from flax import struct
 
 from spanlm import checkpoint as ckpt_lib
-from spanlm import configs, masking, objectives, parallel
+from spanlm import configs, masking, objectives, parallel, pretraining, resilience
 from spanlm.metrics import MetricsWriter
 from spanlm.models.bert import config_for
 from spanlm.models.heads import BertForPretraining
-from spanlm.optim import make_optimizer
+from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics
+
+# Extra per-token features of packed rows (config.data.packing='packed'), passed to the model.
+PACKED_KEYS = ("position_ids", "packing_ids")
+
 
 class TrainState(struct.PyTreeNode):
   step: jax.Array  # int32 scalar: optimizer steps taken
@@ -38,15 +48,12 @@ class TrainState(struct.PyTreeNode):
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> BertForPretraining:
-  """The pretraining model for `config.model`/`config.objective` and a tokenizer's vocabulary."""
-  m = config.model
-  multiple = max(int(m.vocab_multiple), 1)
-  overrides = {k: m[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")
-               if m[k] is not None}
-  cfg = config_for(
-      m.size, vocab_size=-(-vocab_size // multiple) * multiple,
-      max_position_embeddings=m.max_position_embeddings, dropout_rate=m.dropout_rate,
-      dtype=jnp.dtype(m.dtype), attention_impl=m.attention_impl or None, **overrides)
+  """The masked-LM pretraining model for `config.model`/`config.objective` and a vocabulary.
+
+  (Trainer builds its model through the objective: `pretraining.make_objective`; model
+  keys such as remat/embedding_size are mapped in `pretraining.encoder_config`.)
+  """
+  cfg = pretraining.encoder_config(config, vocab_size)
   return BertForPretraining(cfg, sbo=bool(config.objective.sbo),
                             max_span_tokens=int(config.objective.max_span_tokens))
 
@@ -60,19 +67,20 @@ class Trainer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
-               word_start_table: np.ndarray, mesh: jax.sharding.Mesh | None = None):
+               word_start_table: np.ndarray, mesh: jax.sharding.Mesh | None = None,
+               optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None):
+    # `optimizer`: (tx, schedule) replacing make_optimizer(config), e.g. the LR range test's ramp.
     configs.validate(config)
     self.config = config
     self.vocab_size = vocab_size
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    self.model = build_model(config, vocab_size)
-    self.tx, self.schedule = make_optimizer(config, config.train.num_steps)
+    self.objective = pretraining.make_objective(config, vocab_size, word_start_table)
+    self.model = self.objective.model
+    self.tx, self.schedule = optimizer or make_optimizer(config, config.train.num_steps)
     self.seq_len = config.train.seq_len
+    self._poisoned_steps = resilience.parse_steps(config.train.get("inject_nonfinite_steps", ""))
     self.num_predictions = masking.max_predictions(self.seq_len, config.masking.rate)
-    self.word_start_table = jnp.asarray(word_start_table, dtype=bool)
-    if self.word_start_table.shape != (vocab_size,):
-      raise ValueError(f"word_start_table has shape {self.word_start_table.shape}, "
-                       f"expected ({vocab_size},) for the tokenizer's vocabulary")
+    self.word_start_table = self.objective.word_start_table
     dp = parallel.data_parallel_size(self.mesh)
     micro = config.train.batch_size // config.train.grad_accum_steps
     if micro % dp:
@@ -81,21 +89,30 @@ class Trainer:
           f"grad_accum_steps {config.train.grad_accum_steps}) is not divisible by the "
           f"{dp} data-parallel devices; change config.train.batch_size or config.mesh")
     self._build_shardings()
-    self.train_step = jax.jit(
-        self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
+    # EWC (optim/ewc.py): params -> (lambda/2) sum F (theta - theta*_A)^2; None when config.ewc is off.
+    self.penalty = ewc.make_penalty(config.get("ewc"), self.abstract_state.params)
+    # Non-trained inputs of the loss (e.g. a teacher's params): an explicit argument of the
+    # jitted steps (sharding taken from the arrays), bound here so the public steps keep
+    # their signatures.
+    self.frozen = self.objective.frozen_inputs(self.mesh)
+    self._train_step_jit = jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, self.batch_shardings, None),
         out_shardings=(self.state_shardings, parallel.replicated(self.mesh)), donate_argnums=0)
-    self.eval_step = jax.jit(
-        self._eval_step, in_shardings=(self.state_shardings.params, self.batch_shardings, None),
+    self._eval_step_jit = jax.jit(
+        self._eval_step, in_shardings=(self.state_shardings.params, self.batch_shardings, None, None),
         out_shardings=parallel.replicated(self.mesh))
 
-  # --- state -------------------------------------------------------------------------------
-  def _dummy_inputs(self):
-    ids = jnp.zeros((1, self.seq_len), jnp.int32)
-    pos = jnp.zeros((1, self.num_predictions), jnp.int32)
-    return ids, ids, ids != masking.PAD_ID, pos, pos, pos + 1
+  def train_step(self, state: TrainState, batch):
+    """One optimizer step (jitted; `state` is donated): returns (state, metrics)."""
+    return self._train_step_jit(state, batch, self.frozen)
 
+  def eval_step(self, params, batch, rng):
+    """(sums, denominators) of the objective on one batch, deterministic."""
+    return self._eval_step_jit(params, batch, rng, self.frozen)
+
+  # --- state -------------------------------------------------------------------------------
   def _init(self, rng):
-    return self.model.init({"params": rng}, *self._dummy_inputs())["params"]
+    return self.objective.init_params(rng)
 
   def _build_shardings(self):
     boxed = jax.eval_shape(self._init, jax.random.PRNGKey(0))
@@ -103,16 +120,15 @@ class Trainer:
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     rep = parallel.replicated(self.mesh)
-    opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_opt, param_shardings,
-        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    opt_shardings = opt_state_shardings(self.tx, abstract_opt, param_shardings, rep)
     self.state_shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
     self.abstract_state = ckpt_lib.abstract_like(
         TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                    opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32)),
         self.state_shardings)
     bs = parallel.batch_sharding(self.mesh)
-    self.batch_shardings = {"input_ids": bs, "segment_ids": bs}
+    keys = ("input_ids", "segment_ids") + PACKED_KEYS * (self.config.data.packing == "packed")
+    self.batch_shardings = {k: bs for k in keys}
 
   def init_state(self, seed: int | None = None) -> TrainState:
     """Parameters and optimizer state created directly in their shardings."""
@@ -135,30 +151,23 @@ class Trainer:
                                  vocab_size=self.vocab_size)
 
   def _prepare(self, rng, batch):
-    """Mask the whole batch once, then gather the P predicted positions per row."""
-    masked = self.mask(rng, batch["input_ids"])
-    preds = objectives.select_predictions(masked, self.num_predictions)
-    return dict(input_ids=masked.input_ids, segment_ids=batch["segment_ids"],
-                attention_mask=batch["input_ids"] != masking.PAD_ID, positions=preds.positions,
-                targets=preds.targets, weights=preds.weights, left=preds.left, right=preds.right)
+    return self.objective.prepare(rng, batch)  # packed rows' PACKED_KEYS pass through
 
-  def _sums(self, params, mb, dropout_rng, deterministic):
-    preds = objectives.Predictions(mb["positions"], mb["targets"], mb["weights"], mb["left"], mb["right"])
-    outputs = self.model.apply(
-        {"params": params}, mb["input_ids"], mb["segment_ids"], mb["attention_mask"],
-        preds.positions, preds.left, preds.right, deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": dropout_rng})
-    return objectives.pretraining_sums(outputs, preds, self.vocab_size)
+  def _sums(self, params, mb, dropout_rng, deterministic, frozen=None):
+    with parallel.activation_sharding(self.mesh):
+      return self.objective.sums(params, mb, dropout_rng, deterministic, frozen)
 
-  def _train_step(self, state: TrainState, batch):
+  def _train_step(self, state: TrainState, batch, frozen=None):
     rng = jax.random.fold_in(state.rng, state.step)
     mask_rng, dropout_rng = jax.random.split(rng)
     prepared = self._prepare(mask_rng, batch)
-    sbo_weight = self.config.objective.sbo_weight
+    # Global counts over the whole batch, before micro-batching: each micro-batch's loss is
+    # already divided by them, so summing micro-batch gradients gives the large-batch gradient.
+    den = jax.lax.stop_gradient(self.objective.denominators(prepared))
 
     def loss_fn(params, mb, key):
-      sums = self._sums(params, mb, key, deterministic=False)
-      return objectives.total_loss(sums, sbo_weight), sums
+      sums = self._sums(params, mb, key, deterministic=False, frozen=frozen)
+      return self.objective.loss(sums, den), sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     accum = self.config.train.grad_accum_steps
@@ -177,20 +186,32 @@ class Trainer:
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params,
                                                           jax.tree.map(lambda x: x[0], micro), dropout_rng))
       (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-    # Loss and gradient per predicted token over the whole global batch.
-    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["num_predictions"], 1.0), grads)
+    if self.penalty is not None:  # EWC: once per optimizer step, outside the micro-batch scan
+      ewc_penalty, ewc_grads = jax.value_and_grad(self.penalty)(state.params)
+      grads = jax.tree.map(jnp.add, grads, ewc_grads)
+    grads = resilience.poison_at(grads, state.step, self._poisoned_steps)  # testing hook; no-op by default
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = objectives.summarize(sums, sbo_weight)
-    metrics.update(grad_norm=optax.global_norm(grads), learning_rate=self.schedule(state.step),
-                   predictions_per_row=sums["num_predictions"] / batch["input_ids"].shape[0])
+    metrics = self.objective.metrics(sums, den)
+    metrics.update(grad_norm=optax.global_norm(grads), learning_rate=self.schedule(state.step))
+    metrics.update(optimizer_metrics(opt_state))  # rates actually used, trust ratios, hypergradients
+    if self.penalty is not None:
+      metrics["ewc_penalty"] = ewc_penalty
+    # Non-finite guard (resilience.py): a NaN/inf step leaves params and optimizer state as they
+    # were; the step counter still advances, in lockstep with the data iterator.
+    ok = resilience.step_is_finite(metrics["loss"], metrics["grad_norm"])
+    params, opt_state = resilience.keep_if(ok, (params, opt_state), (state.params, state.opt_state))
+    metrics["skipped"] = (~ok).astype(jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  def _eval_step(self, params, batch, rng):
-    return self._sums(params, self._prepare(rng, batch), None, deterministic=True)
+  def _eval_step(self, params, batch, rng, frozen=None):
+    prepared = self._prepare(rng, batch)
+    # No dropout; the key is for objectives that sample inside `sums` (ELECTRA's generator).
+    return (self._sums(params, prepared, jax.random.fold_in(rng, 1), deterministic=True, frozen=frozen),
+            self.objective.denominators(prepared))
 
   def evaluate(self, params, batches, seed: int | None = None) -> dict:
-    """Held-out MLM loss/accuracy/perplexity with a fixed masking RNG, comparable across steps."""
+    """Held-out metrics of the objective (MLM loss/accuracy/perplexity...) with a fixed RNG."""
     key = jax.random.PRNGKey(self.config.seed if seed is None else seed)
     key = jax.random.fold_in(key, 0x5EED)  # distinct from every training step's key
     totals = None
@@ -199,14 +220,8 @@ class Trainer:
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
       raise ValueError("no held-out batches to evaluate")
-    out = objectives.summarize(jax.device_get(totals), self.config.objective.sbo_weight)
-    result = {"eval/mlm_loss": float(out["mlm_loss"]), "eval/mlm_accuracy": float(out["mlm_accuracy"]),
-              "eval/perplexity": float(np.exp(min(out["mlm_loss"], 50.0))),
-              "eval/num_predictions": float(totals["num_predictions"])}
-    if "sbo_loss" in out:
-      result["eval/sbo_loss"] = float(out["sbo_loss"])
-      result["eval/sbo_accuracy"] = float(out["sbo_accuracy"])
-    return result
+    sums, den = jax.device_get(totals)
+    return self.objective.eval_metrics(sums, den)
 
 
 def _format_eta(seconds: float) -> str:
@@ -235,7 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t = config.train
   data_dir = prepare.ensure_prepared(
       config.data.corpus, workdir, t.seq_len, tokenizer=config.data.tokenizer,
-      vocab_size=config.data.vocab_size, validation_fraction=config.data.validation_fraction)
+      vocab_size=config.data.vocab_size, validation_fraction=config.data.validation_fraction,
+      packing=config.data.packing)
   dataset = prepare.load_prepared(data_dir)
   tokenizer = Tokenizer.load(dataset.tokenizer_path)
   if dataset.vocab_size != tokenizer.vocab_size:
@@ -256,12 +272,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_data = [_local_rows(b) for b in pipeline.eval_batches(
       dataset.validation, batch_size=t.batch_size, max_batches=t.eval_batches or None)]
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)
-  start = checkpointer.latest_step()
-  if start is None:
+  restored = checkpointer.restore_latest(trainer.abstract_state)  # newest intact one (falls back)
+  if restored is None:
     state = trainer.init_state()
+    if config.get("ewc") and config.ewc.get("init_from_theta"):  # EWC task B continues from task A
+      state = ewc.start_from_theta_star(trainer, state, config.ewc)
     start = 0
   else:
-    state, data_state = checkpointer.restore(start, trainer.abstract_state)
+    start, state, data_state = restored
     train_iter.set_state(data_state["iterator"])
     logging.info("resumed from %s at step %d", checkpointer.directory, start)
   last = min(t.stop_at_step, t.num_steps) if t.stop_at_step else t.num_steps
@@ -277,14 +295,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   history, last_eval, last_train = [], {}, {}
   tick, tick_step = time.time(), start
   step = start
+  # Skipped (NaN/inf) steps and loss spikes are counted on the host one step late, so the host
+  # never waits for the step it just dispatched (see resilience.py).
+  monitor = resilience.StepMonitor(t.max_nonfinite_steps, t.spike_window, t.spike_k)
+  in_flight = None
+
+  def observe(pending):
+    if pending is not None:
+      loss, skipped = jax.device_get((pending[1]["loss"], pending[1]["skipped"]))
+      monitor.observe(pending[0], float(loss), bool(skipped))
+
+  preempted = False
+  guard = resilience.PreemptionGuard().__enter__()  # SIGTERM -> finish the step, save, exit 0
   try:
     for step in range(start + 1, last + 1):
       local = next(train_iter)
       state, metrics = trainer.train_step(state, parallel.global_batch(local, mesh))
+      observe(in_flight)
+      in_flight = (step, metrics)
       history.append(metrics)
       if step % t.log_every == 0 or step == last:
-        means = {k: float(np.mean(v)) for k, v in jax.device_get(
-            jax.tree.map(lambda *xs: jnp.stack(xs), *history)).items()}
+        observe(in_flight)
+        in_flight = None
+        # Means over the steps that were applied: a skipped step's NaN loss would hide the rest.
+        means = {k: float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
+                 for k, v in jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history)).items()}
+        means.update(monitor.metrics())
         history = []
         elapsed = time.time() - tick
         steps_per_sec = (step - tick_step) / max(elapsed, 1e-9)
@@ -293,26 +329,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_train.update(learning_rate=means["learning_rate"], steps_per_sec=steps_per_sec,
                           tokens_per_sec=steps_per_sec * tokens_per_step)
         writer.write(step, last_train)
-        sbo = f" | sbo {means['sbo_loss']:.3f}" if "sbo_loss" in means else ""
-        logging.info("step %d/%d | loss %.3f | mlm %.3f acc %.3f%s | lr %.2e | %.2f steps/s | "
-                     "%.0f tok/s | ETA %s", step, t.num_steps, means["loss"], means["mlm_loss"],
-                     means["mlm_accuracy"], sbo, means["learning_rate"], steps_per_sec,
+        logging.info("step %d/%d | %s | lr %.2e | %.2f steps/s | "
+                     "%.0f tok/s | ETA %s", step, t.num_steps, trainer.objective.log_summary(means),
+                     means["learning_rate"], steps_per_sec,
                      steps_per_sec * tokens_per_step,
                      _format_eta((t.num_steps - step) / max(steps_per_sec, 1e-9)))
       if (t.eval_every and step % t.eval_every == 0) or step == last:
         last_eval = trainer.evaluate(state.params, eval_data)
         writer.write(step, last_eval)
-        logging.info("eval step %d | held-out mlm loss %.3f | acc %.3f | ppl %.1f%s", step,
-                     last_eval["eval/mlm_loss"], last_eval["eval/mlm_accuracy"],
-                     last_eval["eval/perplexity"],
-                     f" | sbo {last_eval['eval/sbo_loss']:.3f}" if "eval/sbo_loss" in last_eval else "")
-      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last:
+        logging.info("eval step %d | held-out %s", step, trainer.objective.eval_summary(last_eval))
+      preempted = guard.reached(step)
+      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last or preempted:
         checkpointer.save(step, state, {"iterator": train_iter.get_state()})
+      if preempted:
+        logging.warning("preemption signal (%s): stopped after step %d with a checkpoint; rerun "
+                        "the same command to continue", guard.signal_name or "sync point", step)
+        break
+    observe(in_flight)
   finally:
+    guard.__exit__(None, None, None)
     checkpointer.close()
     writer.close()
   logging.info("done: step %d, checkpoint in %s", step, checkpointer.directory)
-  return {"step": step, **last_train, **last_eval}
+  return {"step": step, **last_train, **last_eval, **({"preempted": True} if preempted else {})}
 
 
 def _check_workdir(workdir: str) -> None:

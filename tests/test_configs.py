@@ -21,7 +21,7 @@ def test_span_bert_is_the_papers_recipe():
   assert c.objective.sbo and c.model.size == "base"
   assert (c.train.batch_size, c.train.seq_len) == (256, 512)
   assert (c.optimizer.name, c.optimizer.learning_rate) == ("adamw", 1e-4)
-  assert (c.schedule.name, c.schedule.warmup_steps) == ("linear", 10_000)
+  assert (c.schedule.name, c.schedule.warmup_steps) == ("warmup_linear", 10_000)
   assert load("span_bert.py:large").model.size == "large"
   tiny = load("span_bert.py:tiny")
   assert tiny.model.size == "tiny" and tiny.masking.scheme == "span" and tiny.train.num_steps <= 1000

@@ -27,7 +27,7 @@ def jitted(scheme, **kwargs):
   if scheme == "token":
     fn = functools.partial(masking.mask_tokens, vocab_size=V, **kwargs)
     return jax.jit(lambda rng, ids: fn(rng, ids))
-  fn = masking.mask_whole_words if scheme == "whole_word" else masking.mask_spans
+  fn = {"whole_word": masking.mask_whole_words, "ngram": masking.mask_ngrams}.get(scheme, masking.mask_spans)
   fn = functools.partial(fn, vocab_size=V, **kwargs)
   return jax.jit(lambda rng, ids: fn(rng, ids, TABLE))
 

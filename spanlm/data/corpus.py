@@ -96,6 +96,9 @@ def read_text(path: str) -> str:
       raise CorpusError(f"{path}: not a valid gzip file ({e}). {_SKIP_HINT}") from e
   if not raw.strip():
     raise CorpusError(f"{path}: file is empty (no text). {_SKIP_HINT}")
+  if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (Windows 'Unicode' text)
+    raise CorpusError(f"{path}: is UTF-16, not UTF-8; convert it, e.g. `iconv -f utf-16 -t utf-8`. "
+                      f"{_SKIP_HINT}")
   if b"\x00" in raw:
     raise CorpusError(f"{path}: contains NUL bytes, so it looks like a binary file, not text. {_SKIP_HINT}")
   try:

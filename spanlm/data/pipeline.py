@@ -15,7 +15,8 @@ import numpy as np
 
 
 def train_iterator(source, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                   process_count: int | None = None, shuffle: bool = True) -> grain.DatasetIterator:
+                   process_count: int | None = None, shuffle: bool = True,
+                   num_workers: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
   """Endless iterator of this process's share of each global batch.
 
   Global example i of the (shuffled, repeated) stream goes to process
@@ -23,6 +24,8 @@ def train_iterator(source, *, global_batch_size: int, seed: int, process_index: 
   epoch. Yields `{'input_ids': int32 [local_batch, seq_len], 'segment_ids': ...}`
   with local_batch = global_batch_size // process_count. Save and restore the
   position with `it.get_state()` (a JSON-serialisable dict) / `it.set_state()`.
+  `num_workers` > 0 reads and batches in that many processes, `prefetch`
+  batches ahead each (tools/benchmark_input.py measures whether it is needed).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -37,8 +40,11 @@ def train_iterator(source, *, global_batch_size: int, seed: int, process_index: 
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(None)[process_index::process_count]
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  return iter(ds.to_iter_dataset())
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
+  if num_workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=prefetch))
+  return iter(ds)
 
 
 def eval_batches(source, *, batch_size: int, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:

@@ -18,6 +18,23 @@ So validation has ceil(f*N) >= 1 rows, spread over documents in proportion to
 their size (each book of a multi-book corpus contributes its ending), it is
 disjoint from train, and it is deterministic.
 
+Packing modes (`packing`; Liu et al. 2019 §4.2 for full_sentences, Krell et
+al. 2021 "Efficient sequence packing without cross-contamination" for packed):
+- 'document': the layout above; the last row of every document is padded.
+- 'full_sentences' (RoBERTa): each split's documents are concatenated with a
+  [SEP] between them and cut into full rows `[CLS] ... [SEP]`; attention spans
+  the document boundary, no padding except at the very end.
+- 'packed': each document is cut into pieces of <= seq_len - 2 tokens (as in
+  'document'); each piece becomes a segment `[CLS] piece [SEP]` and the short
+  pieces (document tails) share rows, first-fit in order of decreasing length.
+  Rows carry `position_ids` (restarting at 0 in each segment) and
+  `packing_ids` (1, 2, ... per segment, 0 on padding); the model blocks
+  attention between segments, so a packed row computes exactly what its
+  segments would alone, without the padding.
+In every mode the validation split takes the same documents' endings (the
+tokens of the last k_d 'document'-mode rows), so the held-out text does not
+depend on the packing mode.
+
 Packed rows are held in memory before writing (4 bytes per token, briefly
 twice), fine up to a few hundred million tokens; prepare larger corpora in
 several output directories.
@@ -45,6 +62,7 @@ from spanlm.data import sample
 from spanlm.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer, train_sentencepiece
 
 META_FILE = "spanlm_meta.json"
+PACKING_MODES = ("document", "full_sentences", "packed")
 MIN_SEQ_LEN = 8
 _ENCODE_CHUNK = 4096  # Paragraphs per multi-threaded encode_batch call.
 _PREPARE_HINT = "Create one with: python tools/prepare_corpus.py --input=GLOB --tokenizer=SP.model --out=DIR"
@@ -58,17 +76,18 @@ class SpanlmCorpus(tfds.core.GeneratorBasedBuilder):
   # needs the `importlib_resources` backport; nothing is downloaded, so skip it.
   code_path = None
 
-  def __init__(self, *, rows: dict[str, np.ndarray], seq_len: int, **kwargs):
-    self._rows = rows
+  def __init__(self, *, rows: dict[str, dict[str, np.ndarray]], seq_len: int, **kwargs):
+    self._rows = rows  # split -> feature name -> int32 [num_rows, seq_len]
     self._seq_len = seq_len
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     row = tfds.features.Tensor(shape=(self._seq_len,), dtype=np.int32)
+    names = next(iter(self._rows.values())).keys()
     return tfds.core.DatasetInfo(
         builder=self,
         description="spanlm pretraining rows: [CLS] tokens [SEP] [PAD]...",
-        features=tfds.features.FeaturesDict({"input_ids": row, "segment_ids": row}),
+        features=tfds.features.FeaturesDict({name: row for name in names}),
         disable_shuffling=True,  # Keep written order: ds[i] is row i, validation in document order.
     )
 
@@ -76,10 +95,9 @@ class SpanlmCorpus(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     return {split: self._generate_examples(rows) for split, rows in self._rows.items()}
 
-  def _generate_examples(self, rows: np.ndarray):
-    segment_ids = np.zeros(self._seq_len, np.int32)
-    for i, row in enumerate(rows):
-      yield i, {"input_ids": row, "segment_ids": segment_ids}
+  def _generate_examples(self, rows: dict[str, np.ndarray]):
+    for i in range(len(rows["input_ids"])):
+      yield i, {name: feature[i] for name, feature in rows.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +123,76 @@ def pack_document(tokens: np.ndarray, seq_len: int) -> np.ndarray:
   lengths = np.minimum(body, n - body * np.arange(num_rows))
   rows[np.arange(num_rows), lengths + 1] = SEP_ID
   return rows
+
+
+def pack_full_sentences(docs: list[np.ndarray], seq_len: int) -> np.ndarray:
+  """RoBERTa FULL-SENTENCES rows: documents joined by [SEP], cut into [CLS] ... [SEP] rows."""
+  stream = []
+  for i, tokens in enumerate(docs):
+    if i:
+      stream.append(np.array([SEP_ID], np.int32))
+    stream.append(np.asarray(tokens, np.int32))
+  stream = np.concatenate(stream) if stream else np.zeros(0, np.int32)
+  if len(stream) and stream[-1] == SEP_ID:  # never end a row's body on a separator alone
+    stream = stream[:-1]
+  return pack_document(stream, seq_len) if len(stream) else np.zeros((0, seq_len), np.int32)
+
+
+def pack_segments(docs: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """'packed' rows: segments [CLS] piece [SEP] sharing rows, with position and packing ids.
+
+  Pieces are cut as in `pack_document`; full pieces fill a row each, the rest
+  are placed first-fit in order of decreasing length (stable, so deterministic).
+  """
+  body = seq_len - 2
+  pieces = [np.asarray(t[i:i + body], np.int32) for t in docs for i in range(0, len(t), body)]
+  order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i]))
+  rows: list[list[int]] = []  # piece indices per row
+  free: list[int] = []  # free token slots per row
+  open_rows: list[int] = []  # rows that can still take a 1-token segment (3 slots)
+  for i in order:
+    need = len(pieces[i]) + 2
+    slot = next((r for r in open_rows if free[r] >= need), None)
+    if slot is None:
+      rows.append([])
+      free.append(seq_len)
+      slot = len(rows) - 1
+      open_rows.append(slot)
+    rows[slot].append(i)
+    free[slot] -= need
+    if free[slot] < 3:
+      open_rows.remove(slot)
+  out = {name: np.zeros((len(rows), seq_len), np.int32)
+         for name in ("input_ids", "segment_ids", "position_ids", "packing_ids")}
+  for r, members in enumerate(rows):
+    start = 0
+    for k, i in enumerate(sorted(members), start=1):  # segments in corpus order within a row
+      n = len(pieces[i]) + 2
+      out["input_ids"][r, start:start + n] = np.concatenate([[CLS_ID], pieces[i], [SEP_ID]])
+      out["position_ids"][r, start:start + n] = np.arange(n)
+      out["packing_ids"][r, start:start + n] = k
+      start += n
+  return out
+
+
+def pack_rows(docs: list[np.ndarray], seq_len: int, packing: str) -> dict[str, np.ndarray]:
+  """A split's documents (token arrays) -> feature dict of int32 [num_rows, seq_len] rows."""
+  if packing == "document":
+    ids = (np.concatenate([pack_document(t, seq_len) for t in docs]) if docs
+           else np.zeros((0, seq_len), np.int32))
+  elif packing == "full_sentences":
+    ids = pack_full_sentences(docs, seq_len)
+  elif packing == "packed":
+    return pack_segments(docs, seq_len)
+  else:
+    raise ValueError(f"packing={packing!r}; choose one of {PACKING_MODES}")
+  return {"input_ids": ids, "segment_ids": np.zeros_like(ids)}
+
+
+def packing_stats(rows: np.ndarray) -> dict[str, float]:
+  """Padding share of a split's token slots: the compute a packing mode wastes."""
+  total = rows.size
+  return {"rows": len(rows), "pad_fraction": float((rows == PAD_ID).sum() / max(total, 1))}
 
 
 def _num_text_tokens(rows: np.ndarray) -> int:
@@ -159,7 +247,7 @@ def is_prepared(path: str) -> bool:
 
 def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: int,
                    validation_fraction: float = 0.01, num_threads: int = 0,
-                   strict: bool = True) -> dict[str, Any]:
+                   strict: bool = True, packing: str = "document") -> dict[str, Any]:
   """Tokenizes and packs a raw corpus into a TFDS array_record dataset at `out_dir`.
 
   Args:
@@ -171,6 +259,7 @@ def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: in
     validation_fraction: share of rows held out, in (0, 1); see module docstring.
     num_threads: tokenizer threads, <= 0 for all cores.
     strict: raise on bad input files instead of skipping them.
+    packing: 'document' | 'full_sentences' | 'packed' (module docstring).
 
   Returns:
     Stats: rows/tokens per split, skipped files, tokens_per_sec, ...
@@ -179,6 +268,8 @@ def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: in
     raise ValueError(f"seq_len={seq_len} is too short; need >= {MIN_SEQ_LEN} ([CLS] + tokens + [SEP]).")
   if not 0 < validation_fraction < 1:
     raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1).")
+  if packing not in PACKING_MODES:
+    raise ValueError(f"packing={packing!r}; choose one of {PACKING_MODES}.")
   files = corpus_lib.resolve_files(files_or_glob)
   tokenizer = Tokenizer.load(tokenizer_path)
   params = {
@@ -186,6 +277,7 @@ def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: in
       "validation_fraction": validation_fraction,
       "tokenizer_sha256": _file_sha256(tokenizer_path),
       "source_files": [os.path.abspath(f) for f in files],
+      **({"packing": packing} if packing != "document" else {}),  # old datasets stay valid
   }
   out_dir = os.path.abspath(out_dir)
   if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -202,19 +294,20 @@ def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: in
   start = time.perf_counter()
   stats = corpus_lib.CorpusStats()
   docs = corpus_lib.read_documents(files, strict=strict, stats=stats)
-  splits = {"train": [], "validation": []}
-  doc_rows = []
-  for tokens in _tokenize_documents(docs, tokenizer, num_threads):
-    if len(tokens):
-      doc_rows.append(pack_document(tokens, seq_len))
-  num_tokens = sum(_num_text_tokens(r) for r in doc_rows)
-  counts = _validation_counts([len(r) for r in doc_rows], validation_fraction)
-  for rows, k in zip(doc_rows, counts):
-    splits["train"].append(rows[:len(rows) - k])
-    splits["validation"].append(rows[len(rows) - k:])
-  splits = {name: np.concatenate(parts) for name, parts in splits.items()}
-  num_rows = sum(len(r) for r in splits.values())
-  if not len(splits["train"]):
+  doc_tokens = [t for t in _tokenize_documents(docs, tokenizer, num_threads) if len(t)]
+  num_tokens = sum(len(t) for t in doc_tokens)
+  # Held-out share per document in 'document'-mode rows, then cut at the token level so every
+  # packing mode holds out the same text.
+  body = seq_len - 2
+  counts = _validation_counts([-(-len(t) // body) for t in doc_tokens], validation_fraction)
+  parts = {"train": [], "validation": []}
+  for tokens, k in zip(doc_tokens, counts):
+    cut = min(len(tokens), body * (-(-len(tokens) // body) - k))
+    parts["train"].append(tokens[:cut])
+    parts["validation"].append(tokens[cut:])
+  splits = {name: pack_rows([t for t in docs if len(t)], seq_len, packing) for name, docs in parts.items()}
+  num_rows = sum(len(r["input_ids"]) for r in splits.values())
+  if not len(splits["train"]["input_ids"]):
     raise ValueError(
         f"The corpus packs into only {num_rows} row(s) of seq_len={seq_len}, too few to hold out "
         f"validation_fraction={validation_fraction} and keep any training rows; add text or lower seq_len.")
@@ -240,8 +333,11 @@ def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: in
       "paragraphs": stats.paragraphs,
       "characters": stats.characters,
       "tokens": num_tokens,
-      **{f"{name}_rows": len(rows) for name, rows in splits.items()},
-      **{f"{name}_tokens": _num_text_tokens(rows) for name, rows in splits.items()},
+      "packing": packing,
+      **{f"{name}_rows": len(rows["input_ids"]) for name, rows in splits.items()},
+      **{f"{name}_tokens": _num_text_tokens(rows["input_ids"]) for name, rows in splits.items()},
+      **{f"{name}_pad_fraction": round(packing_stats(rows["input_ids"])["pad_fraction"], 5)
+         for name, rows in splits.items()},
       "tokenize_seconds": round(tokenize_seconds, 3),
       "tokens_per_sec": round(num_tokens / tokenize_seconds),
       "total_seconds": round(total_seconds, 3),
@@ -282,7 +378,8 @@ def _file_key(path: str) -> list:
 
 
 def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = "",
-                    vocab_size: int = 8000, validation_fraction: float = 0.01) -> str:
+                    vocab_size: int = 8000, validation_fraction: float = 0.01,
+                    packing: str = "document") -> str:
   """Returns a prepared dataset directory for `corpus`, preparing it if needed.
 
   `corpus` is '' (the bundled sample, with its shipped tokenizer unless
@@ -296,6 +393,11 @@ def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = ""
   """
   if corpus and is_prepared(corpus):
     meta = _read_meta(corpus)
+    if meta.get("packing", "document") != packing:
+      raise ValueError(
+          f"Prepared dataset {corpus!r} has packing={meta.get('packing', 'document')!r} but "
+          f"config.data.packing={packing!r}; re-prepare it with tools/prepare_corpus.py "
+          f"--packing={packing}, or pass the raw text glob instead.")
     if meta["seq_len"] != seq_len:
       raise ValueError(
           f"Prepared dataset {corpus!r} has seq_len={meta['seq_len']} but seq_len={seq_len} was "
@@ -317,7 +419,8 @@ def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = ""
         f"Tokenizer {tokenizer!r} does not exist. Leave it unset to train one on the corpus, or create "
         f"one with tools/train_tokenizer.py.")
   tokenizer_key = _file_key(tokenizer) if tokenizer else ["train", vocab_size]
-  key = _fingerprint([_file_key(f) for f in files], tokenizer_key, seq_len, validation_fraction)
+  key = _fingerprint([_file_key(f) for f in files], tokenizer_key, seq_len, validation_fraction,
+                     *([packing] if packing != "document" else []))
   out_dir = os.path.join(workdir, "data", key)
   if is_prepared(out_dir):
     logging.info("Reusing prepared dataset %s", out_dir)
@@ -328,7 +431,7 @@ def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = ""
     with tempfile.TemporaryDirectory(dir=os.path.dirname(out_dir)) as tmp:
       if not tokenizer:
         tokenizer = train_sentencepiece(files, os.path.join(tmp, f"sp{vocab_size}"), vocab_size)
-      prepare_corpus(files, tokenizer, out_dir, seq_len, validation_fraction)
+      prepare_corpus(files, tokenizer, out_dir, seq_len, validation_fraction, packing=packing)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"spanlm_prepare_{key}")

@@ -74,7 +74,11 @@ class Tokenizer:
           f"SentencePiece model not found: {path!r}. Train one with\n"
           f"  python tools/train_tokenizer.py --input='corpus/*.txt' --vocab_size=8000 --out=PREFIX\n"
           f"and pass PREFIX.model.")
-    processor = spm.SentencePieceProcessor(model_file=path)
+    try:
+      processor = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:  # truncated/corrupt file, or not a SentencePiece model
+      raise ValueError(f"{path}: not a readable SentencePiece model ({e}); re-copy it or train one "
+                       f"with tools/train_tokenizer.py.") from None
     pieces = tuple(processor.id_to_piece(i) for i in range(min(NUM_RESERVED, processor.get_piece_size())))
     if pieces != SPECIAL_TOKENS:
       raise ValueError(

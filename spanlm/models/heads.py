@@ -10,7 +10,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from spanlm.models.bert import BertConfig, BertEncoder, _init, _zeros, dense, layer_norm
+from spanlm.models.bert import (ACTIVATION_AXES, BertConfig, BertEncoder, _init, _zeros, dense,
+                                layer_norm)
+from spanlm.parallel import constrain
 
 
 class Transform(nn.Module):
@@ -20,13 +22,16 @@ class Transform(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = dense(self.cfg, self.cfg.hidden_size, ("embed_in", "embed"), "dense")(x)
-    return layer_norm(self.cfg, "norm")(nn.gelu(x, approximate=False))
+    # Output width E, the (tied) embedding table's: H, or ALBERT's factorized E.
+    x = dense(self.cfg, self.cfg.embed_dim, ("embed_in", "embed"), "dense")(x)
+    return constrain(layer_norm(self.cfg, "norm")(nn.gelu(x, approximate=False)), ACTIVATION_AXES)
 
 
 def gather(x, positions):
   """x: [B, L, ...], positions: [B, P] -> [B, P, ...]."""
-  return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
+  out = jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
+  # Rows stay batch-sharded (else XLA re-shards [B, P, H] along `fsdp` for the head's kernels).
+  return constrain(out, ACTIVATION_AXES) if out.ndim == 3 else out
 
 
 class SpanBoundaryHead(nn.Module):
@@ -45,12 +50,28 @@ class SpanBoundaryHead(nn.Module):
     cfg = self.cfg
     table = self.param("position_embeddings", _init(cfg, ("pos", "embed")),
                        (self.max_span_tokens, cfg.hidden_size))
-    rel = jnp.take(table, jnp.clip(relative_position, 0, self.max_span_tokens - 1), axis=0)
+    rel = jnp.take(constrain(table, ("pos", "activation_embed")),
+                   jnp.clip(relative_position, 0, self.max_span_tokens - 1), axis=0)
     h = jnp.concatenate([gather(hidden, left), gather(hidden, right), rel.astype(hidden.dtype)], -1)
-    for i in range(2):
-      h = nn.gelu(dense(cfg, cfg.hidden_size, ("embed_in", "embed"), f"dense_{i}")(h), approximate=False)
-      h = layer_norm(cfg, f"norm_{i}")(h)
+    for i in range(2):  # the last layer's output feeds the tied decoder: width E
+      width = cfg.hidden_size if i == 0 else cfg.embed_dim
+      h = nn.gelu(dense(cfg, width, ("embed_in", "embed"), f"dense_{i}")(h), approximate=False)
+      h = constrain(layer_norm(cfg, f"norm_{i}")(h), ACTIVATION_AXES)
     return h
+
+
+class SentencePairHead(nn.Module):
+  """BERT's NSP / ALBERT's SOP classifier: dropout -> Dense(2) on the pooled [CLS] (tanh(W·h_CLS)).
+
+  Logits [B, 2] in float32; class 1 = NotNext (NSP) or swapped (SOP).
+  """
+
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, pooled, deterministic: bool = True):
+    x = nn.Dropout(self.cfg.dropout_rate)(pooled, deterministic=deterministic)
+    return dense(self.cfg, 2, ("embed", None), "classifier")(x).astype(jnp.float32)
 
 
 class BertForPretraining(nn.Module):
@@ -62,6 +83,7 @@ class BertForPretraining(nn.Module):
   cfg: BertConfig
   sbo: bool = False
   max_span_tokens: int = 64
+  pair_head: bool = False  # NSP/SOP: 2-way classifier on the pooled [CLS] (needs cfg.use_pooler)
 
   def setup(self):
     self.encoder = BertEncoder(self.cfg)
@@ -70,14 +92,22 @@ class BertForPretraining(nn.Module):
     if self.sbo:
       self.sbo_head = SpanBoundaryHead(self.cfg, self.max_span_tokens)
       self.sbo_bias = self.param("sbo_bias", _zeros(("vocab",)), (self.cfg.vocab_size,))
+    if self.pair_head:
+      if not self.cfg.use_pooler:
+        raise ValueError("pair_head (NSP/SOP) needs BertConfig.use_pooler=True")
+      self.pair_classifier = SentencePairHead(self.cfg)
 
   def __call__(self, input_ids, segment_ids, attention_mask, positions, left=None, right=None,
-               deterministic: bool = True):
-    hidden = self.encoder(input_ids, segment_ids, attention_mask, deterministic=deterministic)
+               deterministic: bool = True, position_ids=None, packing_ids=None):
+    hidden = self.encoder(input_ids, segment_ids, attention_mask, position_ids=position_ids,
+                          deterministic=deterministic, packing_ids=packing_ids)
+    pooled = None
     if self.cfg.use_pooler:
-      hidden = hidden[0]
+      hidden, pooled = hidden
     attend = self.encoder.embeddings.attend
     out = {"mlm_logits": attend(self.mlm_transform(gather(hidden, positions))) + self.mlm_bias}
+    if self.pair_head:
+      out["pair_logits"] = self.pair_classifier(pooled, deterministic)
     if self.sbo:
       y = self.sbo_head(hidden, left, right, positions - left - 1)
       out["sbo_logits"] = attend(y) + self.sbo_bias

@@ -1,0 +1,62 @@
+"""Distillation of a pretrained spanlm MLM teacher (DistilBERT, Sanh et al. 2019; TinyBERT,
+Jiao et al. 2020): soft-target MLM (T² · KL), hidden-state MSE through a learned
+projection and attention-map MSE through the uniform layer mapping g(m) = m·N/M.
+
+DistilBERT: the student is BERT-base with half the layers (6), initialised from
+every other teacher layer (not done here: the student starts from random weights),
+T = 2, batch 4096 (gradient accumulation), Adam lr 5e-4, 3 epochs; losses 5·L_ce +
+2·L_mlm + 1·L_cos (the cosine term is replaced by TinyBERT's hidden/attention MSE here).
+TinyBERT-4: 4 layers, H 312, FFN 1200, 12 heads; general distillation uses the
+hidden and attention losses, then soft targets.
+
+The teacher is a pretraining workdir (its config.json + latest checkpoint); the
+student must use the teacher's tokenizer (a different vocabulary is an error):
+
+  --config=experiments/distill.py --config.distill.teacher_workdir=/runs/bert_base
+  --config=experiments/distill.py:tiny --config.distill.teacher_workdir=/tmp/bert_tiny
+      (a 1-layer, H 64 student of experiments/bert.py:tiny on the bundled sample)
+"""
+
+from spanlm import distill
+from spanlm.configs import base_config, cpu_tiny, with_preset
+
+
+def tinybert(c):
+  c.model.size = "base"
+  c.model.num_layers = 4
+  c.model.hidden_size = 312
+  c.model.num_heads = 12
+  c.model.intermediate_size = 1200
+
+
+def tiny(c):
+  cpu_tiny(c)
+  c.model.num_layers = 1
+  c.model.hidden_size = 64  # != the teacher's 128: exercises the learned projection W_h
+  c.model.num_heads = 1
+  c.model.intermediate_size = 256
+  c.train.num_steps = 300
+
+
+def get_config(arg=None):
+  c = base_config()
+  with c.unlocked():
+    c.distill = distill.default_config()
+  c.objective.name = "distill"
+  c.model.size = "base"
+  c.model.num_layers = 6  # DistilBERT: half of the teacher's 12
+  c.distill.temperature = 2.0
+  c.distill.soft_weight = 5.0  # DistilBERT's α_ce : α_mlm = 5 : 2
+  c.distill.hard_weight = 2.0
+  c.distill.hidden_weight = 1.0
+  c.distill.attention_weight = 1.0
+  c.masking.scheme = "token"
+  c.train.num_steps = 100_000
+  c.train.batch_size = 256
+  c.train.seq_len = 512
+  c.train.log_every = 100
+  c.train.eval_every = 5_000
+  c.train.checkpoint_every = 5_000
+  c.optimizer.learning_rate = 5e-4
+  c.schedule.warmup_steps = 5_000
+  return with_preset(c, arg, {"tiny": tiny, "tinybert": tinybert})

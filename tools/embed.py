@@ -1,0 +1,61 @@
+"""Encode texts with a converted checkpoint and save the hidden states (and attention maps).
+
+  python tools/embed.py --checkpoint=/tmp/minilm --input=texts.txt --out=emb.npz [--attentions]
+
+--checkpoint: a converted checkpoint (tools/import_checkpoint.py) or a fine-tuning
+workdir (its model/). --input: one text per line; empty lines are skipped and
+counted. Writes input_ids, attention_mask [N, L] and last_hidden_state [N, L, H]
+float32 (L = the longest text, at most --max_len), plus attentions
+[N, layers, heads, L, L] with --attentions; prints a summary.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CKPT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint dir or fine-tuning workdir.", required=True)
+_INPUT = flags.DEFINE_string("input", None, "Text file, one text per line.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output .npz.", required=True)
+_ATTN = flags.DEFINE_bool("attentions", False, "Also save every layer's attention probabilities.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 128, "Longest input in tokens, [CLS]/[SEP] included.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Texts per forward pass.")
+
+
+def main(argv):
+  del argv
+  import numpy as np
+
+  from spanlm import convert
+
+  path = _CKPT.value
+  if not convert.is_converted(path) and convert.is_converted(os.path.join(path, "model")):
+    path = os.path.join(path, "model")
+  try:
+    if not convert.is_converted(path):
+      raise FileNotFoundError(f"{_CKPT.value!r} is not a converted checkpoint (no {convert.META_FILE}); "
+                              f"run tools/import_checkpoint.py first")
+    if not os.path.isfile(_INPUT.value):
+      raise FileNotFoundError(f"--input={_INPUT.value!r} not found")
+    with open(_INPUT.value, encoding="utf-8") as f:
+      lines = [line.rstrip("\n").rstrip("\r") for line in f]
+    texts = [t for t in lines if t.strip()]
+    if len(texts) < len(lines):
+      print(f"skipped {len(lines) - len(texts)} empty lines of {len(lines)}")
+    if not texts:
+      raise ValueError(f"--input={_INPUT.value!r} has no non-empty lines")
+    cfg, params, tok = convert.load_converted(path)
+    out, report = convert.embed_texts(cfg, params, tok, texts, max_len=_MAX_LEN.value,
+                                      batch_size=_BATCH.value, attentions=_ATTN.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  np.savez(_OUT.value, **out)
+  shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.items())
+  print(f"{len(texts)} texts ({report['truncated']} truncated to {_MAX_LEN.value} tokens) -> {_OUT.value}: {shapes}")
+
+
+if __name__ == "__main__":
+  app.run(main)

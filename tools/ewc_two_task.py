@@ -1,0 +1,112 @@
+r"""EWC's two-task forgetting measurement: masked LM on two disjoint book sets, A then B.
+
+  python tools/ewc_two_task.py --out=/tmp/ewc --steps=200 --lambdas=0,1000,100000
+
+Task A = MLM on the bundled sample's books pg1* (Alice, The Prince, Pride and
+Prejudice, Sherlock Holmes), task B = the other six; both use the sample's
+tokenizer. The phases go through the real CLI paths:
+spanlm.train.train_and_evaluate on A (WORKDIR out/task_a), the Fisher with
+spanlm.optim.ewc.compute_for_workdir (= tools/compute_fisher.py), then for each
+lambda a run on B that starts from theta*_A (config.ewc.init_from_theta, fresh
+optimizer state) with config.ewc.lambda_ = lambda (0 = plain fine-tuning on B).
+Reports task A's and task B's held-out MLM loss after A and after each B run,
+as JSON and Markdown in --out.
+"""
+
+import glob
+import json
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from spanlm import checkpoint as ckpt_lib
+from spanlm import parallel, train
+from spanlm.data import pipeline, prepare, sample
+from spanlm.data.tokenizer import Tokenizer
+from spanlm.optim import ewc
+
+_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "bert.py") + ":tiny"
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment file[:preset] of both tasks.",
+                                          lock_config=True)
+_OUT = flags.DEFINE_string("out", "ewc_two_task", "Output directory (workdirs of every phase).")
+_STEPS = flags.DEFINE_integer("steps", 200, "Optimizer steps on task A.")
+_STEPS_B = flags.DEFINE_integer("steps_b", 0, "Optimizer steps on task B (0 = --steps).")
+_LAMBDAS = flags.DEFINE_list("lambdas", ["0", "1000", "100000"], "EWC lambda of each task-B run (0 = none).")
+_FISHER_EXAMPLES = flags.DEFINE_integer("fisher_examples", 512, "Task-A rows the Fisher averages over.")
+
+
+def _corpora():
+  files = sorted(sample.corpus_files())
+  a = [f for f in files if os.path.basename(f).startswith("pg1")]
+  b = [f for f in files if f not in a]
+  folder = os.path.dirname(files[0])
+  assert sorted(glob.glob(os.path.join(folder, "pg1*.txt.gz"))) == a
+  return os.path.join(folder, "pg1*.txt.gz"), os.path.join(folder, "pg[2-9]*.txt.gz")
+
+
+def heldout_loss(config, workdir, corpus, data_workdir):
+  """Held-out MLM loss of `workdir`'s latest checkpoint on `corpus`'s validation split."""
+  t = config.train
+  data_dir = prepare.ensure_prepared(corpus, data_workdir, t.seq_len, tokenizer=config.data.tokenizer,
+                                     validation_fraction=config.data.validation_fraction)
+  dataset = prepare.load_prepared(data_dir)
+  tokenizer = Tokenizer.load(dataset.tokenizer_path)
+  trainer = train.Trainer(config, tokenizer.vocab_size, tokenizer.word_start_table(),
+                          parallel.make_mesh(config.mesh))
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  state, _ = checkpointer.restore(checkpointer.latest_step(), trainer.abstract_state)
+  checkpointer.close()
+  batches = pipeline.eval_batches(dataset.validation, batch_size=t.batch_size)
+  return trainer.evaluate(state.params, batches)["eval/mlm_loss"], len(dataset.validation)
+
+
+def main(argv):
+  del argv
+  out = os.path.abspath(_OUT.value)
+  corpus_a, corpus_b = _corpora()
+  base = _CONFIG.value.copy_and_resolve_references()
+  base.data.tokenizer = sample.tokenizer_path()  # one vocabulary for both tasks
+  base.data.validation_fraction = 0.05
+  base.train.num_steps = base.train.eval_every = base.train.checkpoint_every = _STEPS.value
+  base.train.log_every = max(_STEPS.value // 4, 1)
+  base.schedule.warmup_steps = min(base.schedule.warmup_steps, _STEPS.value // 4)
+
+  cfg_a = base.copy_and_resolve_references()
+  cfg_a.data.corpus = corpus_a
+  dir_a = os.path.join(out, "task_a")
+  train.train_and_evaluate(cfg_a, dir_a)
+  fisher = ewc.compute_for_workdir(cfg_a, dir_a, _FISHER_EXAMPLES.value)
+  print(f"Fisher: {fisher['num_examples']} examples, mean {fisher['fisher_mean']:.3e}, "
+        f"max {fisher['fisher_max']:.3e}", flush=True)
+  a_after_a, n_a = heldout_loss(base, dir_a, corpus_a, dir_a)
+  b_after_a, n_b = heldout_loss(base, dir_a, corpus_b, dir_a)
+  rows = [{"phase": "after A", "lambda": None, "task_a_loss": a_after_a, "task_b_loss": b_after_a}]
+  for lam in map(float, _LAMBDAS.value):
+    cfg_b = base.copy_and_resolve_references()
+    cfg_b.data.corpus = corpus_b
+    if _STEPS_B.value:
+      cfg_b.train.num_steps = cfg_b.train.eval_every = cfg_b.train.checkpoint_every = _STEPS_B.value
+    cfg_b.ewc.fisher_path, cfg_b.ewc.lambda_, cfg_b.ewc.init_from_theta = fisher["file"], lam, True
+    dir_b = os.path.join(out, f"task_b_lambda{lam:g}")
+    result = train.train_and_evaluate(cfg_b, dir_b)
+    rows.append({"phase": "after B", "lambda": lam, "task_a_loss": heldout_loss(base, dir_b, corpus_a, dir_a)[0],
+                 "task_b_loss": heldout_loss(base, dir_b, corpus_b, dir_a)[0],
+                 "final_ewc_penalty": result.get("train/ewc_penalty")})
+    print(rows[-1], flush=True)
+  md = ["| phase | EWC lambda | task A held-out MLM loss | task B held-out MLM loss |", "|---|---|---|---|"]
+  lam_text = lambda r: "-" if r["lambda"] is None else f"{r['lambda']:g}"
+  md += [f"| {r['phase']} | {lam_text(r)} | {r['task_a_loss']:.3f} | {r['task_b_loss']:.3f} |" for r in rows]
+  summary = {"task_a": corpus_a, "task_b": corpus_b, "steps": [_STEPS.value, _STEPS_B.value or _STEPS.value], "heldout_rows": [n_a, n_b],
+             "model": base.model.size, "batch": [base.train.batch_size, base.train.seq_len],
+             "fisher": fisher, "rows": rows, "device": jax.devices()[0].device_kind}
+  with open(os.path.join(out, "ewc_two_task.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(out, "ewc_two_task.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+  print("\n".join(md))
+
+
+if __name__ == "__main__":
+  app.run(main)
