@@ -46,6 +46,9 @@ def main(argv):
   import jax  # after flag parsing, so --help is instant
 
   if _COORDINATOR.value or _DISTRIBUTED.value:
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+      # CPU processes need a collectives backend to talk to each other (tests/test_multihost.py).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   config = _CONFIG.value

@@ -30,9 +30,8 @@ from absl import logging
 from flax import struct
 
 from spanlm import checkpoint as ckpt_lib
-from spanlm import configs, masking, objectives, parallel, pretraining, resilience
+from spanlm import configs, masking, parallel, pretraining, resilience
 from spanlm.metrics import MetricsWriter
-from spanlm.models.bert import config_for
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics
 

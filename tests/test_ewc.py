@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 import spanlm
@@ -64,7 +63,6 @@ def test_penalty_value_gradient_and_file_round_trip(tmp_path):
 
 def test_ewc_forgets_less_on_two_tasks():
   """Logistic regression on two tasks sharing features: EWC keeps task A's loss lower after B."""
-  rng = np.random.default_rng(0)
   d, n = 12, 400
 
   def task(active, seed):
@@ -130,14 +128,12 @@ def test_train_step_adds_penalty_once_per_step(tmp_path):
   ewc.save(path, fisher, theta)
 
   base, m0 = one_step(plain)
-  pen1, m1 = one_step(spanlm.Trainer(config(1, path, 2.0), V, table, mesh))
-  pen2, m2 = one_step(spanlm.Trainer(config(2, path, 2.0), V, table, mesh))
+  pen, m2 = one_step(spanlm.Trainer(config(2, path, 2.0), V, table, mesh))  # 2 micro-batches
   assert "ewc_penalty" not in m0
   want = 1.0 * sum(np.sum(f * (p - t) ** 2) for f, p, t in
                    zip(jax.tree.leaves(fisher), jax.tree.leaves(params0), jax.tree.leaves(theta)))
-  np.testing.assert_allclose(m1["ewc_penalty"], want, rtol=1e-5)
   np.testing.assert_allclose(m2["ewc_penalty"], want, rtol=1e-5)
-  # SGD: the penalty's share of the step is -lr * lambda * F * (theta0 - theta*).
-  for b_, p1, p2, f, p0, t in zip(*map(jax.tree.leaves, (base, pen1, pen2, fisher, params0, theta))):
-    np.testing.assert_allclose(p1 - b_, -0.1 * 2.0 * f * (p0 - t), atol=2e-5)
-    np.testing.assert_allclose(p2, p1, atol=2e-5)  # accumulation adds it once, not per micro-batch
+  # SGD: the penalty's share of the step is -lr * lambda * F * (theta0 - theta*), added once per
+  # step (accumulation itself is exact, so a per-micro-batch penalty would show up here twice).
+  for b_, p2, f, p0, t in zip(*map(jax.tree.leaves, (base, pen, fisher, params0, theta))):
+    np.testing.assert_allclose(p2 - b_, -0.1 * 2.0 * f * (p0 - t), atol=3e-5)

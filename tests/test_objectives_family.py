@@ -195,14 +195,14 @@ def test_model_summary_tool_prints_json():
 
 
 # --- the pluggable train step ------------------------------------------------------------------
-V2, L3, B = 500, 32, 8
+V2, L3, B = 500, 24, 8
 
 
 def pair_config(objective, accum=1):
   c = spanlm.load_config(os.path.join(EXPERIMENTS, "albert.py:tiny"))
   c.objective.name = objective
   c.train.batch_size, c.train.seq_len, c.train.grad_accum_steps = B, L3, accum
-  c.model.num_layers, c.model.hidden_size, c.model.intermediate_size = 2, 64, 128
+  c.model.num_layers, c.model.hidden_size, c.model.intermediate_size = 1, 64, 128
   c.model.embedding_size, c.model.vocab_multiple = 32, 1
   c.optimizer.name, c.optimizer.learning_rate, c.schedule.warmup_steps = "adamw", 3e-3, 0
   for k in ("data", "fsdp", "model"):

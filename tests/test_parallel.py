@@ -102,3 +102,22 @@ def test_flop_formula_counts_the_models_matmul_weights(reference):
                                         vocab_size=30522, seq_len=128, num_predictions=20)
   assert base == 6 * 84934656 * 128 + 12 * 12 * 128 ** 2 * 768 + 6 * (768 ** 2 + 768 * 30522) * 20
   assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and flops.peak_flops("cpu") is None
+
+
+def test_remat_recomputes_the_same_gradients():
+  """config.model.remat trades memory for recomputation; values and gradients are unchanged."""
+  import jax.numpy as jnp
+
+  from spanlm.models.bert import BertEncoder, config_for
+  ids = jnp.asarray(np.random.default_rng(0).integers(5, 100, (2, 16)))
+  results = {}
+  for remat in ("none", "full", "dots_saveable"):
+    model = BertEncoder(config_for("tiny", vocab_size=128, remat=remat))
+    params = model.init(jax.random.PRNGKey(0), ids)
+    loss = lambda p: jnp.mean(jnp.tanh(model.apply(p, ids, deterministic=False,
+                                                   rngs={"dropout": jax.random.PRNGKey(1)})))
+    results[remat] = jax.value_and_grad(loss)(params)
+  for remat in ("full", "dots_saveable"):
+    assert float(results[remat][0]) == pytest.approx(float(results["none"][0]), abs=1e-6)
+    for a, b in zip(jax.tree.leaves(results[remat][1]), jax.tree.leaves(results["none"][1])):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)

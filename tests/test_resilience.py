@@ -240,7 +240,7 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(c._manager, "save", no_space)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"could not write a checkpoint .*\(step 1\): No space left on device.*larger disk"):
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"could not write a checkpoint .*\(while saving step 1\): No space left on device.*larger disk"):
     c.save(1, _state(1))
 
 

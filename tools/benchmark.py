@@ -47,6 +47,7 @@ def peak_memory_bytes(device, compiled) -> tuple[int | None, str]:
 
 def run_benchmark(config, batch: int, seq: int, steps: int, warmup: int, vocab_size: int) -> dict:
   import jax
+  import jaxlib
   import numpy as np
 
   from spanlm import flops, parallel
@@ -106,8 +107,7 @@ def run_benchmark(config, batch: int, seq: int, steps: int, warmup: int, vocab_s
       "remat": config.model.remat, "sbo": bool(config.objective.sbo), "vocab_size": cfg.vocab_size,
       "steps": steps, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
       "compile_s": compile_s, "cpu_ms_per_step": cpu_ms_per_step, "final_loss": float(metrics["loss"]),
-      "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
-                   else jax.__version__},
+      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
   }
 
 

@@ -125,7 +125,8 @@ def main():
       "num_params": sum(p.numel() for p in model.parameters()), "batch": args.batch, "seq": args.seq,
       "dtype": args.dtype, "attention_impl": "sdpa", "head": args.head, "compiled": not args.no_compile,
       "vocab_size": args.vocab_size, "steps": args.steps, "step_ms_min": min(times) * 1e3,
-      "step_ms_max": max(times) * 1e3, "compile_s": compile_s, "cpu_ms_per_step": cpu_ms_per_step, "final_loss": float(loss),
+      "step_ms_max": max(times) * 1e3, "compile_s": compile_s,
+      "cpu_ms_per_step": cpu_ms_per_step, "final_loss": float(loss),
       "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
   }
   mfu = "n/a (unknown peak)" if result["mfu"] is None else f"{result['mfu']:.1%}"

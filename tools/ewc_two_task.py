@@ -38,12 +38,13 @@ _FISHER_EXAMPLES = flags.DEFINE_integer("fisher_examples", 512, "Task-A rows the
 
 
 def _corpora():
+  """Globs of the two disjoint halves of the bundled sample (checked to partition it)."""
   files = sorted(sample.corpus_files())
-  a = [f for f in files if os.path.basename(f).startswith("pg1")]
-  b = [f for f in files if f not in a]
   folder = os.path.dirname(files[0])
-  assert sorted(glob.glob(os.path.join(folder, "pg1*.txt.gz"))) == a
-  return os.path.join(folder, "pg1*.txt.gz"), os.path.join(folder, "pg[2-9]*.txt.gz")
+  a, b = os.path.join(folder, "pg1*.txt.gz"), os.path.join(folder, "pg[2-9]*.txt.gz")
+  if sorted(glob.glob(a) + glob.glob(b)) != files or not glob.glob(a) or not glob.glob(b):
+    raise ValueError(f"the bundled sample in {folder} no longer splits into {a} and {b}; update _corpora")
+  return a, b
 
 
 def heldout_loss(config, workdir, corpus, data_workdir):

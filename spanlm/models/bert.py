@@ -261,8 +261,8 @@ class BertEncoder(nn.Module):
   def setup(self):
     self.embeddings = Embeddings(self.cfg)
     layer = EncoderLayer
-    if self.cfg.remat != "none":  # `deterministic` (the last argument) is a Python bool: static
-      layer = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(-1,))
+    if self.cfg.remat != "none":  # `deterministic` (argument 3, counting self) is a Python bool: static
+      layer = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
     share = self.cfg.share_layers
     if share == "all":  # ALBERT: one set of layer parameters, applied num_layers times
       self.layers = [layer(self.cfg, name="layer_shared")] * self.cfg.num_layers

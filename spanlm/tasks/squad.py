@@ -45,7 +45,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from spanlm.models.bert import BertConfig, BertEncoder, dense
 from spanlm.tasks import squad_metrics
