@@ -47,6 +47,9 @@ def validate(config) -> None:
 
 def build_model(config, vocab_size: int) -> electra_model.ElectraForPretraining:
   validate(config)
+  if config.data.get("packing", "document") == "packed":
+    raise NotImplementedError(f"objective {config.objective.name!r} does not pass packed rows' "
+                              "position_ids/packing_ids to its model; use data.packing=document or full_sentences")
   return electra_model.ElectraForPretraining(
       pretraining.encoder_config(config, vocab_size),
       generator_fraction=float(config.electra.generator_fraction))

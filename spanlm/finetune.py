@@ -107,7 +107,8 @@ def load_encoder(config) -> tuple[BertConfig, Any, Any]:
   path = config.init_checkpoint
   m = config.model
   common = dict(dropout_rate=m.dropout_rate, dtype=jnp.dtype(m.dtype),
-                attention_impl=m.attention_impl or None, use_pooler=True)
+                attention_impl=m.attention_impl or None, use_pooler=True,
+                head_mask=m.head_mask)  # Kovaleva et al. 2019: heads disabled during fine-tuning
   if not path:
     tok = wordpiece.load_tokenizer(config.data.tokenizer or wordpiece.SAMPLE_TOKENIZER)
     overrides = {k: m[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")

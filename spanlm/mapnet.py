@@ -184,6 +184,9 @@ class MapnetForPretraining(BertForPretraining):
 
 def build_model(config, vocab_size: int) -> MapnetForPretraining:
   validate(config)
+  if config.data.get("packing", "document") == "packed":
+    raise NotImplementedError(f"objective {config.objective.name!r} does not pass packed rows' "
+                              "position_ids/packing_ids to its model; use data.packing=document or full_sentences")
   cfg = pretraining.encoder_config(config, vocab_size)
   m = config.mapnet
   return MapnetForPretraining(cfg, proposal_cfg=proposal_config(cfg, int(m.proposal_layers),
