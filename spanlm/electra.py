@@ -65,11 +65,6 @@ class Electra(pretraining.Objective):
   def build_model(self):
     return build_model(self.config, self.vocab_size)
 
-  def init_params(self, rng):
-    ids = jnp.zeros((1, self.seq_len), jnp.int32)
-    pos = jnp.zeros((1, self.num_predictions), jnp.int32)
-    return self.model.init({"params": rng}, ids, ids, ids != masking.PAD_ID, pos)["params"]
-
   def prepare(self, rng, batch):
     mask_rng, sample_rng = jax.random.split(rng)
     ids = batch["input_ids"]

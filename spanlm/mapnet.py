@@ -210,11 +210,6 @@ class Mapnet(pretraining.Objective):
   def build_model(self):
     return build_model(self.config, self.vocab_size)
 
-  def init_params(self, rng):
-    ids = jnp.zeros((1, self.seq_len), jnp.int32)
-    pos = jnp.zeros((1, self.num_predictions), jnp.int32)
-    return self.model.init({"params": rng}, ids, ids, ids != masking.PAD_ID, pos)["params"]
-
   def prepare(self, rng, batch):
     ids = batch["input_ids"]
     maskable = ~masking.special_mask(ids)

@@ -111,8 +111,14 @@ class Objective:
   def build_model(self):
     raise NotImplementedError
 
+  def dummy_inputs(self) -> tuple:
+    """`model.init` arguments: (input_ids, segment_ids, attention_mask, positions), [1, L] / [1, P]."""
+    ids = jnp.zeros((1, self.seq_len), jnp.int32)
+    pos = jnp.zeros((1, masking.max_predictions(self.seq_len, self.config.masking.rate)), jnp.int32)
+    return ids, ids, ids != masking.PAD_ID, pos
+
   def init_params(self, rng):
-    raise NotImplementedError
+    return self.model.init({"params": rng}, *self.dummy_inputs())["params"]
 
   def frozen_inputs(self, mesh) -> Any:
     return None
@@ -173,13 +179,9 @@ class MaskedLM(Objective):
     return BertForPretraining(cfg, sbo=bool(o.sbo), max_span_tokens=int(o.max_span_tokens),
                               pair_head=self.pair_head)
 
-  def _dummy_inputs(self):
-    ids = jnp.zeros((1, self.seq_len), jnp.int32)
-    pos = jnp.zeros((1, self.num_predictions), jnp.int32)
-    return ids, ids, ids != masking.PAD_ID, pos, pos, pos + 1
-
-  def init_params(self, rng):
-    return self.model.init({"params": rng}, *self._dummy_inputs())["params"]
+  def dummy_inputs(self):
+    ids, segments, attention_mask, pos = super().dummy_inputs()
+    return ids, segments, attention_mask, pos, pos, pos + 1  # + SBO span boundaries
 
   def mask(self, rng, input_ids) -> masking.MaskedBatch:
     return masking.apply_masking(rng, input_ids, self.word_start_table, self.config.masking,
