@@ -17,7 +17,7 @@ student must use the teacher's tokenizer (a different vocabulary is an error):
       (a 1-layer, H 64 student of experiments/bert.py:tiny on the bundled sample)
 """
 
-from spanlm import distill
+from spanlm.objectives import distill
 from spanlm.configs import base_config, cpu_tiny, with_preset
 
 

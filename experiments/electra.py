@@ -17,7 +17,7 @@ The discriminator is `params['encoder']`: fine-tune it with
   --config=experiments/electra.py:tiny   CPU-sized (BERT-tiny discriminator), bundled sample
 """
 
-from spanlm import electra
+from spanlm.objectives import electra
 from spanlm.configs import base_config, cpu_tiny, with_preset
 
 

@@ -11,7 +11,7 @@ Otherwise BERT's recipe (experiments/bert.py): token masking at 15%, 80/10/10.
   --config=experiments/mapnet.py:tiny   CPU-sized, on the bundled sample
 """
 
-from spanlm import mapnet
+from spanlm.objectives import mapnet
 from spanlm.configs import base_config, cpu_tiny, with_preset
 
 

@@ -201,7 +201,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(f"config.masking mask_prob={m.mask_prob} + random_prob={m.random_prob} must be within [0, 1]")
   if not 0.0 < m.geometric_p <= 1.0 or m.max_span < 1:
     fail(f"config.masking geometric_p={m.geometric_p} must be in (0, 1] and max_span={m.max_span} >= 1")
-  from spanlm.pretraining import OBJECTIVES  # local: pretraining imports the model code
+  from spanlm.objectives.base import OBJECTIVES  # local: pretraining imports the model code
   if config.objective.name not in OBJECTIVES:
     fail(f"config.objective.name={config.objective.name!r}; choose one of {sorted(OBJECTIVES)}")
   if config.objective.name in ("mlm_nsp", "mlm_sop") and config.data.packing == "packed":

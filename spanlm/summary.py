@@ -37,7 +37,7 @@ def _size(tree) -> int:
 
 def abstract_params(config, vocab_size: int):
   """Param shapes of `config`'s pretraining model (no initialisation)."""
-  from spanlm import pretraining
+  from spanlm.objectives import base as pretraining
   objective = pretraining.make_objective(config, vocab_size, np.zeros(vocab_size, bool))
   boxed = jax.eval_shape(objective.init_params, jax.random.PRNGKey(0))
   return objective, nn.meta.unbox(boxed)

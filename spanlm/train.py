@@ -30,7 +30,9 @@ from absl import logging
 from flax import struct
 
 from spanlm import checkpoint as ckpt_lib
-from spanlm import configs, masking, parallel, pretraining, resilience
+from spanlm import configs, parallel, resilience
+from spanlm.objectives import base as pretraining
+from spanlm.objectives import masking
 from spanlm.metrics import MetricsWriter
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics

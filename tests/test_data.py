@@ -88,7 +88,7 @@ def test_reserved_ids_and_word_start_table(tok):
 
 def test_masking_uses_the_tokenizers_reserved_ids():
   # masking.py keeps its own copy (so the jitted side never imports TFDS); they must agree.
-  from spanlm import masking
+  from spanlm.objectives import masking
   from spanlm.data import tokenizer
   for name in ("PAD_ID", "UNK_ID", "CLS_ID", "SEP_ID", "MASK_ID", "NUM_RESERVED"):
     assert getattr(masking, name) == getattr(tokenizer, name), name

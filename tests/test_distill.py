@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import spanlm
-from spanlm import distill, parallel, pretraining
+from spanlm import parallel
+from spanlm.objectives import base as pretraining
+from spanlm.objectives import distill
 from spanlm.checkpoint import Checkpointer
 from spanlm.data.tokenizer import Tokenizer
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import spanlm
-from spanlm import electra, masking, parallel
+from spanlm import parallel
+from spanlm.objectives import electra, masking
 from spanlm.models import electra as em
 from spanlm.models.bert import BertEncoder, config_for
 

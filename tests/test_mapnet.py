@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spanlm import mapnet
+from spanlm.objectives import mapnet
 
 L, V, K, N = 16, 8, 3, 10000  # positions, vocabulary, masked per row, Monte-Carlo samples
 

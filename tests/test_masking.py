@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from spanlm import masking
+from spanlm.objectives import masking
 
 V = 1000  # synthetic vocabulary: 5..499 begin a word, 500..999 continue one
 TABLE = np.zeros(V, bool)

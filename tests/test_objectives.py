@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spanlm.masking import MaskedBatch
-from spanlm.objectives import select_predictions, summarize, total_loss, weighted_cross_entropy
+from spanlm.objectives.masking import MaskedBatch
+from spanlm.objectives.losses import select_predictions, summarize, total_loss, weighted_cross_entropy
 
 
 def test_uniform_logits_cost_log_vocab():

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import spanlm
-from spanlm import configs, masking, pairs, parallel, summary
+from spanlm import configs, parallel, summary
+from spanlm.objectives import masking, pairs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENTS = os.path.join(ROOT, "experiments")

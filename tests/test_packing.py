@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import spanlm
-from spanlm import masking, objectives, parallel
+from spanlm import parallel
+from spanlm.objectives import losses as objectives
+from spanlm.objectives import masking
 from spanlm.data import pipeline, prepare, sample
 from spanlm.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
 from spanlm.models.bert import config_for

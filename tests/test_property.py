@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spanlm import masking
+from spanlm.objectives import masking
 from spanlm.data import prepare
 from spanlm.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
 

@@ -35,7 +35,8 @@ def load_encoder(path: str):
   if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
     import ml_collections
 
-    from spanlm import configs, pretraining
+    from spanlm import configs
+    from spanlm.objectives import base as pretraining
     with open(os.path.join(path, "config.json")) as f:
       config = configs.base_config()
       config.unlock()

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from spanlm import masking
+from spanlm.objectives import masking
 from spanlm.data import prepare
 from spanlm.data.tokenizer import MASK_ID, Tokenizer
 

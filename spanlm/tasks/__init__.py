@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import importlib
 
-from spanlm.tasks.base import Features, Task
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from spanlm.tasks.base import Features, Task
+
+
+def __getattr__(name):  # lazy, so `import spanlm.tasks.rouge` does not load Flax (PEP 562)
+  if name in ("Features", "Task"):
+    from spanlm.tasks import base
+    return getattr(base, name)
+  raise AttributeError(f"module 'spanlm.tasks' has no attribute {name!r}")
 
 
 def get_task(name: str, config) -> Task:

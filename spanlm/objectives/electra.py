@@ -1,5 +1,5 @@
 """ELECTRA's replaced-token-detection objective (Clark et al. 2020), as a pluggable
-`spanlm.pretraining.Objective` (config.objective.name = 'electra').
+`spanlm.objectives.base.Objective` (config.objective.name = 'electra').
 
 One jitted step:
   1. prepare:  mask 15% of the tokens with [MASK] (m, x^masked), one sampling seed per row;
@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from spanlm import masking, objectives, pretraining
+from spanlm.objectives import base as pretraining
+from spanlm.objectives import losses as objectives
+from spanlm.objectives import masking
 from spanlm.models import electra as electra_model
 
 
@@ -36,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(config) -> None:
   if "electra" not in config:
     raise ValueError("invalid config: config.electra is missing; start from experiments/electra.py "
-                     "or add `c.electra = spanlm.electra.default_config()`")
+                     "or add `c.electra = spanlm.objectives.electra.default_config()`")
   e = config.electra
   if not 0.0 < e.generator_fraction <= 1.0:
     raise ValueError(f"invalid config: config.electra.generator_fraction={e.generator_fraction} "

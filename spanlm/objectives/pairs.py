@@ -45,7 +45,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spanlm.masking import CLS_ID, PAD_ID, SEP_ID, special_mask
+from spanlm.objectives.masking import CLS_ID, PAD_ID, SEP_ID, special_mask
 
 TASKS = ("nsp", "sop")
 

@@ -52,7 +52,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from spanlm import masking, objectives, pretraining
+from spanlm.objectives import base as pretraining
+from spanlm.objectives import losses as objectives
+from spanlm.objectives import masking
 from spanlm.models.bert import BertConfig, BertEncoder, config_for, dense
 from spanlm.models.heads import BertForPretraining
 
@@ -72,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(config) -> None:
   if "mapnet" not in config:
     raise ValueError("invalid config: config.mapnet is missing; start from experiments/mapnet.py "
-                     "or add `c.mapnet = spanlm.mapnet.default_config()`")
+                     "or add `c.mapnet = spanlm.objectives.mapnet.default_config()`")
   m = config.mapnet
   if not 0.0 < m.uniform_mix <= 1.0:
     raise ValueError(f"invalid config: config.mapnet.uniform_mix={m.uniform_mix} must be in (0, 1] "

@@ -52,18 +52,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from spanlm import masking, objectives
+from spanlm.objectives import losses as objectives
+from spanlm.objectives import masking
 from spanlm.models.bert import config_for
 from spanlm.models.heads import BertForPretraining
 
 # name -> "module:Class". Other objectives register here (one line each).
 OBJECTIVES: dict[str, str] = {
-    "mlm": "spanlm.pretraining:MaskedLM",
-    "mlm_nsp": "spanlm.pretraining:MaskedLMWithPairs",
-    "mlm_sop": "spanlm.pretraining:MaskedLMWithPairs",
-    "electra": "spanlm.electra:Electra",  # H5: replaced-token detection (Clark et al. 2020)
-    "distill": "spanlm.distill:Distill",  # H5: DistilBERT/TinyBERT student from a teacher workdir
-    "mapnet": "spanlm.mapnet:Mapnet",  # H5: masks from a learned proposal, importance-weighted MLM
+    "mlm": "spanlm.objectives.base:MaskedLM",
+    "mlm_nsp": "spanlm.objectives.base:MaskedLMWithPairs",
+    "mlm_sop": "spanlm.objectives.base:MaskedLMWithPairs",
+    "electra": "spanlm.objectives.electra:Electra",  # H5: replaced-token detection (Clark et al. 2020)
+    "distill": "spanlm.objectives.distill:Distill",  # H5: DistilBERT/TinyBERT student from a teacher workdir
+    "mapnet": "spanlm.objectives.mapnet:Mapnet",  # H5: masks from a learned proposal, importance-weighted MLM
 }
 
 
@@ -263,7 +264,7 @@ class MaskedLM(Objective):
 class MaskedLMWithPairs(MaskedLM):
   """MLM + a two-class sentence-pair task on the pooled [CLS]: NSP ('mlm_nsp') or SOP ('mlm_sop').
 
-  Pairs are built on device in `prepare` (see `spanlm.pairs.make_pairs`), from
+  Pairs are built on device in `prepare` (see `spanlm.objectives.pairs.make_pairs`), from
   the rows of the global batch, before masking: fresh pairs every step. The
   pair loss is per pair row; rows too short to split are single-segment
   fallbacks with zero pair weight, counted in `pair_fallback_rows`.
@@ -277,7 +278,7 @@ class MaskedLMWithPairs(MaskedLM):
     super().__init__(config, vocab_size, word_start_table)
 
   def prepare(self, rng, batch):
-    from spanlm import pairs  # local: pairs imports masking only
+    from spanlm.objectives import pairs  # local: pairs imports masking only
     pair_rng, mask_rng = jax.random.split(rng)
     built = pairs.make_pairs(pair_rng, batch["input_ids"], self.task)
     prepared = super().prepare(mask_rng, {"input_ids": built.input_ids, "segment_ids": built.segment_ids})

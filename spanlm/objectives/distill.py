@@ -37,11 +37,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from spanlm import masking, objectives, parallel, pretraining
+from spanlm import parallel
+from spanlm.objectives import base as pretraining
+from spanlm.objectives import losses as objectives
+from spanlm.objectives import masking
 from spanlm.models.bert import BertConfig, Embeddings, EncoderLayer, SelfAttention, dense
 from spanlm.models.heads import BertForPretraining
 
-SAMPLE_TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "sample", "sample_sp8k.model")
+SAMPLE_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "sample", "sample_sp8k.model")
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spanlm.masking import MaskedBatch
+from spanlm.objectives.masking import MaskedBatch
 
 
 class Predictions(NamedTuple):
