@@ -38,7 +38,7 @@ from spanlm.models.heads import BertForPretraining
 from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics
 
 # Extra per-token features of packed rows (config.data.packing='packed'), passed to the model.
-PACKED_KEYS = ("position_ids", "packing_ids")
+PACKED_KEYS = pretraining.PACKED_KEYS
 
 
 class TrainState(struct.PyTreeNode):

@@ -19,7 +19,7 @@ WORKDIR/ewc/fisher.json (a summary).
 from absl import app, flags
 from ml_collections import config_flags
 
-from spanlm.optim import ewc
+from spanlm import fisher
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Task A's experiment file[:preset].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Task A's workdir (checkpoints/ and prepared data).")
@@ -33,7 +33,7 @@ def main(argv):
   if _NUM.value < 1 or _CHUNK.value < 1:
     raise app.UsageError("--num_examples and --chunk must be positive")
   try:
-    summary = ewc.compute_for_workdir(_CONFIG.value, _WORKDIR.value or "", _NUM.value, _CHUNK.value,
+    summary = fisher.compute_for_workdir(_CONFIG.value, _WORKDIR.value or "", _NUM.value, _CHUNK.value,
                                       _OUT.value or None)
   except FileNotFoundError as e:
     raise app.UsageError(str(e)) from None

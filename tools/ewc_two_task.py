@@ -6,7 +6,7 @@ Task A = MLM on the bundled sample's books pg1* (Alice, The Prince, Pride and
 Prejudice, Sherlock Holmes), task B = the other six; both use the sample's
 tokenizer. The phases go through the real CLI paths:
 spanlm.train.train_and_evaluate on A (WORKDIR out/task_a), the Fisher with
-spanlm.optim.ewc.compute_for_workdir (= tools/compute_fisher.py), then for each
+spanlm.fisher.compute_for_workdir (= tools/compute_fisher.py), then for each
 lambda a run on B that starts from theta*_A (config.ewc.init_from_theta, fresh
 optimizer state) with config.ewc.lambda_ = lambda (0 = plain fine-tuning on B).
 Reports task A's and task B's held-out MLM loss after A and after each B run,
@@ -22,10 +22,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from spanlm import checkpoint as ckpt_lib
+from spanlm import fisher as fisher_lib
 from spanlm import parallel, train
 from spanlm.data import pipeline, prepare, sample
 from spanlm.data.tokenizer import Tokenizer
-from spanlm.optim import ewc
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "bert.py") + ":tiny"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment file[:preset] of both tasks.",
@@ -78,7 +78,7 @@ def main(argv):
   cfg_a.data.corpus = corpus_a
   dir_a = os.path.join(out, "task_a")
   train.train_and_evaluate(cfg_a, dir_a)
-  fisher = ewc.compute_for_workdir(cfg_a, dir_a, _FISHER_EXAMPLES.value)
+  fisher = fisher_lib.compute_for_workdir(cfg_a, dir_a, _FISHER_EXAMPLES.value)
   print(f"Fisher: {fisher['num_examples']} examples, mean {fisher['fisher_mean']:.3e}, "
         f"max {fisher['fisher_max']:.3e}", flush=True)
   a_after_a, n_a = heldout_loss(base, dir_a, corpus_a, dir_a)

@@ -151,9 +151,11 @@ class Objective:
     return " | ".join(f"{k[5:]} {v:.3f}" for k, v in result.items())
 
 
+# Per-token features of packed rows (config.data.packing='packed') that reach the model.
+PACKED_KEYS = ("position_ids", "packing_ids")
+
+
 def packed_keys() -> tuple[str, ...]:
-  """Per-token features of packed rows (config.data.packing='packed') that reach the model."""
-  from spanlm.train import PACKED_KEYS  # defined with the batch shardings; train imports us
   return PACKED_KEYS
 
 
