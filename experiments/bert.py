@@ -8,7 +8,7 @@ NSP is not part of this baseline; `:nsp` is the paper's original MLM+NSP recipe.
 
 Original MLM + next sentence prediction (§3.1 Task #2, A.2): L = mean MLM loss +
 mean NSP loss; 50% IsNext / 50% NotNext pairs (built on device from the rows of
-the batch, spanlm/pairs.py); 1M steps of 256 sequences, the first 90% at length
+the batch, spanlm/objectives/pairs.py); 1M steps of 256 sequences, the first 90% at length
 128 and the last 10% at 512; lr 1e-4, warmup 10k, linear decay, wd 0.01.
 
   --config=experiments/bert.py:tiny         CPU-sized, on the bundled sample

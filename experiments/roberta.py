@@ -2,7 +2,7 @@
 
 What RoBERTa changes in BERT's recipe, and where it lives here:
   * dynamic masking (§4.1): a fresh mask every step -- masking runs inside the
-    jitted step (spanlm/masking.py), so every run here is dynamic;
+    jitted step (spanlm/objectives/masking.py), so every run here is dynamic;
   * FULL-SENTENCES inputs without NSP (§4.2, Table 2): rows packed with
     contiguous text that may cross document boundaries (an extra separator
     between documents) -> `data.packing = 'full_sentences'`, objective 'mlm';

@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.masking.max_ngram = 3  # ngram only (ALBERT): n-grams of n <= max_ngram whole words, p(n) ∝ 1/n
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = "mlm"  # pretraining objective (spanlm/pretraining.py OBJECTIVES): mlm | mlm_nsp | mlm_sop | ...
+  c.objective.name = "mlm"  # pretraining objective (spanlm/objectives/base.py OBJECTIVES): mlm | mlm_nsp | mlm_sop | ...
   c.objective.pair_weight = 1.0  # mlm_nsp/mlm_sop: L = L_MLM (per token) + pair_weight * L_pair (per row)
   c.objective.sbo = False  # add SpanBERT's span boundary objective
   c.objective.sbo_weight = 1.0  # L = L_MLM + sbo_weight * L_SBO

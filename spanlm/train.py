@@ -8,7 +8,7 @@ The state and the batch enter with explicit NamedShardings over the (data,
 fsdp, model) mesh; the compiler partitions the rest.
 
 What is computed is pluggable: `config.objective.name` picks an `Objective`
-(spanlm/pretraining.py: mlm | mlm_nsp | mlm_sop | ...) that provides the model,
+(spanlm/objectives/: mlm | mlm_nsp | mlm_sop | ...) that provides the model,
 `prepare`, `denominators`, `sums`, `loss` and `metrics`; non-trained loss inputs
 (a distillation teacher) come from `objective.frozen_inputs(mesh)` and enter the
 jitted step as an explicit third argument, never as HLO constants.

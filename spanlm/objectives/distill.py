@@ -39,9 +39,9 @@ import numpy as np
 
 from spanlm import parallel
 from spanlm.objectives import base as pretraining
-from spanlm.objectives import losses as objectives
-from spanlm.objectives import masking
-from spanlm.models.bert import BertConfig, Embeddings, EncoderLayer, SelfAttention, dense
+from spanlm.objectives.mlm import MaskedLM
+from spanlm.models.bert import BertConfig, Embeddings, EncoderLayer, SelfAttention
+from spanlm.models.distill import DistilStudent
 from spanlm.models.heads import BertForPretraining
 
 SAMPLE_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "sample", "sample_sp8k.model")
@@ -163,30 +163,7 @@ def attention_mse_sum(student, teacher, token_weights):
   return jnp.sum(per_query * token_weights)
 
 
-# --- student -------------------------------------------------------------------------------------
-class DistilStudent(BertForPretraining):
-  """BertForPretraining + W_h (`distill_project`) to the teacher's width when the widths differ."""
-
-  teacher_hidden: int = 0
-
-  def setup(self):
-    super().setup()
-    if self.teacher_hidden and self.teacher_hidden != self.cfg.hidden_size:
-      self.distill_project = dense(self.cfg, self.teacher_hidden, ("embed", "embed_out"), "distill_project")
-
-  def project(self, hidden):
-    if self.teacher_hidden and self.teacher_hidden != self.cfg.hidden_size:
-      return self.distill_project(hidden)
-    return hidden
-
-  def __call__(self, *args, **kwargs):
-    out = super().__call__(*args, **kwargs)
-    if self.teacher_hidden and self.teacher_hidden != self.cfg.hidden_size:
-      self.project(jnp.zeros((1, self.cfg.hidden_size), self.cfg.dtype))  # creates W_h at init
-    return out
-
-
-class Distill(pretraining.MaskedLM):
+class Distill(MaskedLM):
   """Masking and MLM sums from MaskedLM; the teacher arrives as `frozen` in `sums`."""
 
   name = "distill"
@@ -269,7 +246,7 @@ class Distill(pretraining.MaskedLM):
     return den
 
   def loss(self, sums, den):
-    d, per = self.config.distill, pretraining._per
+    d, per = self.config.distill, pretraining.per
     n, t = den["num_predictions"], den["num_tokens"]
     return (float(d.soft_weight) * per(sums["soft_loss"], n) + float(d.hard_weight) * per(sums["mlm_loss"], n)
             + float(d.hidden_weight) * per(sums["hidden_loss"], t)
@@ -277,7 +254,7 @@ class Distill(pretraining.MaskedLM):
 
   def metrics(self, sums, den):
     out = super().metrics(sums, den)
-    per, n, t = pretraining._per, den["num_predictions"], den["num_tokens"]
+    per, n, t = pretraining.per, den["num_predictions"], den["num_tokens"]
     out.update(loss=self.loss(sums, den), soft_loss=per(sums["soft_loss"], n),
                hidden_loss=per(sums["hidden_loss"], t), attention_loss=per(sums["attention_loss"], t))
     return out

@@ -112,12 +112,12 @@ class Electra(pretraining.Objective):
             "replaced_detected": jnp.sum(labels * pred * tok)}
 
   def loss(self, sums, den):
-    per = pretraining._per
+    per = pretraining.per
     return (per(sums["mlm_loss"], den["num_predictions"])
             + float(self.config.electra.disc_weight) * per(sums["disc_loss"], den["num_tokens"]))
 
   def metrics(self, sums, den):
-    per = pretraining._per
+    per = pretraining.per
     n, t = den["num_predictions"], den["num_tokens"]
     return {"loss": self.loss(sums, den),
             "mlm_loss": per(sums["mlm_loss"], n), "mlm_accuracy": per(sums["mlm_correct"], n),

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,8 +54,7 @@ import ml_collections
 from spanlm.objectives import base as pretraining
 from spanlm.objectives import losses as objectives
 from spanlm.objectives import masking
-from spanlm.models.bert import BertConfig, BertEncoder, config_for, dense
-from spanlm.models.heads import BertForPretraining
+from spanlm.models.mapnet import MapnetForPretraining, proposal_config
 
 UNDERFLOW = 1e-30  # a softmax probability below this is counted as underflowed
 
@@ -145,43 +143,6 @@ def proposal_variance_loss(log_a, selected, log_pi, token_loss, maskable):
   coef = jax.lax.stop_gradient(c ** 2 * jnp.exp(-log_pi))
   inv_a = jnp.exp(-jnp.where(selected, log_a, 0.0))
   return jnp.sum(jnp.where(selected, coef * inv_a, 0.0), axis=1) / n ** 2
-
-
-# --- the model -----------------------------------------------------------------------------------
-def proposal_config(main: BertConfig, layers: int, hidden: int) -> BertConfig:
-  return config_for("tiny", vocab_size=main.vocab_size, num_layers=layers, hidden_size=hidden,
-                    num_heads=max(hidden // 64, 1), intermediate_size=4 * hidden,
-                    max_position_embeddings=main.max_position_embeddings,
-                    dropout_rate=0.0, dtype=main.dtype, attention_impl=main.attention_impl)
-
-
-class ProposalNetwork(nn.Module):
-  """A small encoder over the clean tokens -> one score per position [B, L]."""
-
-  cfg: BertConfig
-
-  @nn.compact
-  def __call__(self, input_ids, segment_ids, attention_mask):
-    h = BertEncoder(self.cfg, name="encoder")(input_ids, segment_ids, attention_mask, deterministic=True)
-    return dense(self.cfg, 1, ("embed", None), "score")(h)[..., 0].astype(jnp.float32)
-
-
-class MapnetForPretraining(BertForPretraining):
-  """BertForPretraining (params 'encoder', 'mlm_*' as usual) + a 'proposal' network."""
-
-  proposal_cfg: BertConfig | None = None
-
-  def setup(self):
-    super().setup()
-    self.proposal = ProposalNetwork(self.proposal_cfg)
-
-  def propose(self, input_ids, segment_ids, attention_mask):
-    return self.proposal(input_ids, segment_ids, attention_mask)
-
-  def __call__(self, input_ids, segment_ids, attention_mask, positions, *args, **kwargs):
-    out = super().__call__(input_ids, segment_ids, attention_mask, positions, *args, **kwargs)
-    out["proposal_scores"] = self.propose(input_ids, segment_ids, attention_mask)
-    return out
 
 
 def build_model(config, vocab_size: int) -> MapnetForPretraining:
@@ -279,13 +240,13 @@ class Mapnet(pretraining.Objective):
     return out
 
   def loss(self, sums, den):
-    loss = pretraining._per(sums["mlm_loss"], den["num_predictions"])
+    loss = pretraining.per(sums["mlm_loss"], den["num_predictions"])
     if "proposal_loss" in sums:
-      loss = loss + float(self.config.mapnet.proposal_weight) * pretraining._per(sums["proposal_loss"], den["rows"])
+      loss = loss + float(self.config.mapnet.proposal_weight) * pretraining.per(sums["proposal_loss"], den["rows"])
     return loss
 
   def metrics(self, sums, den):
-    per = pretraining._per
+    per = pretraining.per
     n, rows = den["num_predictions"], den["rows"]
     out = {"loss": self.loss(sums, den), "mlm_loss": per(sums["mlm_loss"], n),
            "mlm_accuracy": per(sums["mlm_correct"], n),
