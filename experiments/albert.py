@@ -9,7 +9,9 @@ Three changes to BERT (§3.1) plus n-gram masking (§4.1):
   * sentence-order prediction instead of NSP: two consecutive segments of one
     document, swapped half of the time (label 1 = swapped) -> objective 'mlm_sop';
   * n-gram masking, n <= 3 whole words with p(n) = (1/n) / Σ_{k=1}^{3} 1/k
-    -> masking.scheme = 'ngram', masking.max_ngram = 3.
+    -> masking.scheme = 'ngram', masking.max_ngram = 3; as the released
+    create_pretraining_data.py: 80/10/10 per token, at most
+    max_predictions_per_seq=20 predictions per sequence.
 §4.1 training: batch 4096, LAMB with lr 0.00176, 125,000 steps, sequences of 512
 (the paper shortens 10% of inputs; here all are 512), vocabulary 30,000
 (SentencePiece). Warmup 3,125 steps then linear decay, as in the released code
@@ -78,6 +80,8 @@ def get_config(arg=None):
   c.masking.scheme = "ngram"
   c.masking.max_ngram = 3
   c.masking.rate = 0.15
+  c.masking.max_predictions = 20  # create_pretraining_data.py --max_predictions_per_seq=20
+  c.masking.replacement = "uniform"  # vocab_words[rng.randint(...)]: uniform over the vocabulary
   c.data.vocab_size = 30_000
   c.train.num_steps = 125_000
   c.train.batch_size = 4096

@@ -3,8 +3,10 @@
 Paper settings (Table 6-7, App. A): ELECTRA-Small: discriminator 12 layers,
 H 256, 4 heads, FFN 1024, embeddings E 128 (projected to H), 14M parameters;
 generator 1/4 of the discriminator's width (same depth, heads = H/64, FFN = 4H),
-sharing the token and position embeddings; 15% of tokens masked, all replaced
-by [MASK]; L = L_MLM + 50 L_Disc; Adam lr 5e-4, β1 0.9, β2 0.999, ε 1e-6,
+sharing the token and position embeddings; 15% of tokens masked, replaced by
+[MASK] 85% of the time and kept 15% (google-research/electra pretrain_helpers.mask;
+§2 writes all [MASK]); generator head Dense(E) + GELU + LayerNorm into the tied
+embeddings (run_pretraining.get_token_logits); L = L_MLM + 50 L_Disc; Adam lr 5e-4, β1 0.9, β2 0.999, ε 1e-6,
 weight decay 0.01, 10k warmup steps then linear decay, dropout 0.1, batch 128
 sequences of 128, 1M steps. ELECTRA-Base: H 768 (E = H), generator 1/3,
 lr 2e-4, batch 256 sequences of 512, 766k steps.
@@ -56,8 +58,8 @@ def get_config(arg=None):
   c.electra.disc_weight = 50.0
   c.masking.scheme = "token"
   c.masking.rate = 0.15
-  c.masking.mask_prob = 1.0  # x^masked = REPLACE(x, m, [MASK]) (§2): no 80/10/10
-  c.masking.random_prob = 0.0
+  c.masking.mask_prob = 0.85  # pretrain_helpers.mask: 85% of m get [MASK], 15% stay (§2 says
+  c.masking.random_prob = 0.0  # REPLACE(x, m, [MASK]); the released code keeps 15%; no random)
   c.train.num_steps = 1_000_000
   c.train.batch_size = 128
   c.train.seq_len = 128

@@ -1,10 +1,16 @@
 """SpanBERT (Joshi et al. 2020): span masking + span boundary objective, no NSP.
 
-Paper settings (§3-4): spans of whole words with length ~ Geo(0.2) truncated at
-10 words (mean 3.8), starts uniform, 15% of tokens, one 80/10/10 decision per
-span; MLM + SBO losses summed; single 512-token segments (no NSP); BERT-large
-in the paper (base here, `:large` for the paper's size); Adam(W) with lr 1e-4,
-10k warmup steps then linear decay; batch 256 sequences of 512 tokens.
+Paper settings (§3-4) and the paper's command (facebookresearch/SpanBERT
+pretraining/README.md): spans of whole words with length ~ Geo(0.2) truncated at
+10 words (mean 3.8), anchors uniform over tokens, overlapping and touching spans
+merged, 15% of tokens (ceil), one 80/10/10 decision per merged span
+(--replacement-method span) with random tokens from the corpus's token stream;
+SBO on the first 15 tokens of each span not touching the block's edges
+(--max-pair-targets 15), 200-wide target-position embeddings; MLM and SBO each
+normalised by their own target count; single 512-token segments (no NSP);
+BERT-large in the paper (base here, `:large` for the paper's size); Adam(W) with
+lr 1e-4, eps 1e-8, weight decay 0.01, clip-norm 1.0, 10k warmup steps then
+linear decay; batch 256 sequences of 512 tokens. docs/fidelity.md has the table.
 
   --config=experiments/span_bert.py          the paper's recipe at BERT-base size
   --config=experiments/span_bert.py:large    ... at BERT-large size, as in the paper
@@ -25,7 +31,11 @@ def get_config(arg=None):
   c.masking.rate = 0.15
   c.masking.geometric_p = 0.2
   c.masking.max_span = 10
+  c.masking.replacement = "unigram"  # np.random.choice(tokens): the corpus's token stream
   c.objective.sbo = True
+  c.objective.sbo_weight = 1.0  # --pair-loss-weight 1.0
+  c.objective.sbo_max_targets = 15  # --max-pair-targets 15
+  c.objective.sbo_position_size = 200  # --pair-positional-embedding-size 200
   c.train.num_steps = 2_400_000
   c.train.batch_size = 256
   c.train.seq_len = 512
@@ -38,7 +48,8 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 0.01
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-6
+  c.optimizer.eps = 1e-8  # --adam-eps 1e-8
+  c.optimizer.grad_clip = 1.0  # --clip-norm 1.0
   c.schedule.name = "warmup_linear"
   c.schedule.warmup_steps = 10_000
   return with_preset(c, arg, {"tiny": cpu_tiny, "large": large})

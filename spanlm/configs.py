@@ -70,20 +70,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_mask = ""  # attention heads switched off, "layer:head,..." 0-based, e.g. "0:3,5:1" (head ablation)
 
   c.masking = ml_collections.ConfigDict()
-  c.masking.scheme = "token"  # token | whole_word | span
+  c.masking.scheme = "token"  # token | whole_word | span | ngram
   c.masking.rate = 0.15  # share of maskable tokens predicted
   c.masking.mask_prob = 0.8  # of predicted units: replaced by [MASK]
   c.masking.random_prob = 0.1  # ... by a random token (the rest kept)
   c.masking.geometric_p = 0.2  # span length in words ~ Geo(p), truncated (span only)
   c.masking.max_span = 10  # longest span in words (span only)
   c.masking.max_ngram = 3  # ngram only (ALBERT): n-grams of n <= max_ngram whole words, p(n) ∝ 1/n
+  c.masking.replacement = ""  # random replacements: uniform (BERT, ALBERT) | unigram (SpanBERT: the
+  #                            token stream); "" = the scheme's paper's (span: unigram, others: uniform)
+  c.masking.max_predictions = 0  # cap on predicted tokens per row (ALBERT's max_predictions_per_seq=20); 0 = none
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "mlm"  # pretraining objective (spanlm/objectives/base.py OBJECTIVES): mlm | mlm_nsp | mlm_sop | ...
   c.objective.pair_weight = 1.0  # mlm_nsp/mlm_sop: L = L_MLM (per token) + pair_weight * L_pair (per row)
   c.objective.sbo = False  # add SpanBERT's span boundary objective
   c.objective.sbo_weight = 1.0  # L = L_MLM + sbo_weight * L_SBO
-  c.objective.max_span_tokens = 64  # SBO relative-position table size (longer spans clip)
+  c.objective.sbo_max_targets = 15  # SBO targets per span: its first N tokens (SpanBERT: 15)
+  c.objective.sbo_position_size = 200  # width of SBO's target-position embeddings (SpanBERT: 200)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | adam | lamb | lars | sgd | sgd_hd | adam_hd (see docs/optimizers.md)
@@ -207,6 +211,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.objective.name in ("mlm_nsp", "mlm_sop") and config.data.packing == "packed":
     fail(f"config.objective.name={config.objective.name!r} builds sentence pairs from single-document "
          f"rows; use config.data.packing='document' (not 'packed')")
+  if m.replacement not in ("", "uniform", "unigram"):
+    fail(f"config.masking.replacement={m.replacement!r}; choose uniform, unigram or '' (the scheme's paper's)")
+  if not isinstance(m.max_predictions, int) or m.max_predictions < 0:
+    fail(f"config.masking.max_predictions={m.max_predictions!r} must be an integer >= 0 (0 = no cap)")
   if not isinstance(m.max_ngram, int) or m.max_ngram < 1:
     fail(f"config.masking.max_ngram={m.max_ngram!r} must be a positive integer")
   e = config.model.embedding_size

@@ -57,7 +57,7 @@ def head_matmul_params(hidden_size: int, vocab_size: int, sbo: bool = False) -> 
   """Matmul weights applied per predicted position: MLM transform + decoder (+ SBO)."""
   n = hidden_size ** 2 + hidden_size * vocab_size
   if sbo:
-    n += 3 * hidden_size * hidden_size + hidden_size ** 2 + hidden_size * vocab_size
+    n += (2 * hidden_size + 200) * hidden_size + hidden_size ** 2 + hidden_size * vocab_size  # SBO (200-wide positions)
   return n
 
 

@@ -56,7 +56,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> BertForPr
   """
   cfg = pretraining.encoder_config(config, vocab_size)
   return BertForPretraining(cfg, sbo=bool(config.objective.sbo),
-                            max_span_tokens=int(config.objective.max_span_tokens))
+                            sbo_max_targets=int(config.objective.sbo_max_targets),
+                            sbo_position_size=int(config.objective.sbo_position_size))
 
 
 class Trainer:
@@ -80,7 +81,7 @@ class Trainer:
     self.tx, self.schedule = optimizer or make_optimizer(config, config.train.num_steps)
     self.seq_len = config.train.seq_len
     self._poisoned_steps = resilience.parse_steps(config.train.get("inject_nonfinite_steps", ""))
-    self.num_predictions = masking.max_predictions(self.seq_len, config.masking.rate)
+    self.num_predictions = masking.max_predictions(self.seq_len, config.masking.rate, config.masking.get("max_predictions", 0))
     self.word_start_table = self.objective.word_start_table
     dp = parallel.data_parallel_size(self.mesh)
     micro = config.train.batch_size // config.train.grad_accum_steps
@@ -135,13 +136,13 @@ class Trainer:
     """Parameters and optimizer state created directly in their shardings."""
     seed = self.config.seed if seed is None else seed
 
-    def init(key):
+    def init(key, frozen):
       init_key, loop_key = jax.random.split(key)
-      params = nn.meta.unbox(self._init(init_key))
+      params = self.objective.initial_params(nn.meta.unbox(self._init(init_key)), frozen)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=self.tx.init(params), rng=loop_key)
 
-    return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed))
+    return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed), self.frozen)
 
   def num_params(self) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))

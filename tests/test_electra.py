@@ -39,6 +39,10 @@ def test_electra_small_has_14m_parameters():
   gen = params["generator"]
   assert "embeddings" not in gen and "word_embeddings" not in str(jax.tree.structure(gen))  # shared
   assert gen["layer_0"]["intermediate"]["kernel"].shape == (64, 256)  # 1/4 width, FFN 4H
+  # ELECTRA's get_token_logits: one Dense(H_gen -> E) + GELU + LayerNorm into the tied table.
+  head = {k for k in gen if not k.startswith("layer_")}
+  assert head == {"embeddings_project", "mlm_dense", "mlm_norm", "mlm_bias"}, head
+  assert gen["mlm_dense"]["kernel"].shape == (64, 128)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,27 @@ def test_sampling_follows_the_generator_and_skips_special_ids():
   assert np.all(np.abs(freq - probs[5:8]) < 5 * se)
 
 
-def test_replaced_labels_and_no_gradient_through_sampling(tiny):
+def test_generator_input_is_85_mask_15_kept(tiny):
+  """pretrain_helpers.mask: of the masked positions 85% get [MASK], 15% keep their token."""
+  obj = tiny["obj"]
+  ids = np.random.default_rng(1).integers(5, V, size=(256, L)).astype(np.int32)
+  ids[:, 0], ids[:, -1] = 2, 3
+  prepared = jax.jit(obj.prepare)(jax.random.PRNGKey(4), {"input_ids": ids, "segment_ids": np.zeros_like(ids)})
+  w = np.asarray(prepared["weights"]) > 0
+  pos = np.asarray(prepared["positions"])
+  fed = np.take_along_axis(np.asarray(prepared["masked_ids"]), pos, 1)[w]
+  orig = np.take_along_axis(ids, pos, 1)[w]
+  is_mask = fed == masking.MASK_ID
+  assert np.all(is_mask | (fed == orig))  # never a random token
+  n = is_mask.size
+  assert abs(is_mask.mean() - 0.85) < 5 * np.sqrt(0.85 * 0.15 / n), (is_mask.mean(), n)
+
+
+def test_replaced_labels_and_gradient_paths(tiny):
+  """The samples are token ids, so the discriminator's loss reaches the shared embeddings and
+  the discriminator but never the generator's own layers; the generator's MLM loss never
+  reaches the discriminator's layers or its head. (ELECTRA's stop_gradient on the samples
+  cuts nothing either: its samples are one-hot argmaxes.)"""
   obj, params = tiny["obj"], tiny["params"]
   prepared = obj.prepare(jax.random.PRNGKey(1), jax.tree.map(jnp.asarray, tiny["batch"]))
   den = obj.denominators(prepared)
@@ -100,10 +124,21 @@ def test_replaced_labels_and_no_gradient_through_sampling(tiny):
     s = obj.sums(p, prepared, jax.random.PRNGKey(2), True)
     return s["disc_loss"] / den["num_tokens"], obj.metrics(s, den)
 
+  def mlm_only(p):
+    return obj.sums(p, prepared, jax.random.PRNGKey(2), True)["mlm_loss"] / den["num_predictions"]
+
   g, m = jax.jit(jax.grad(disc_only, has_aux=True))(params)
   assert _count(g["generator"]) > 0
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g["generator"]))
-  assert float(optax_norm(g["encoder"])) > 0
+  layers = lambda g: {k: v for k, v in g["encoder"].items() if k != "embeddings"}  # the discriminator's own
+  assert float(optax_norm(layers(g))) > 0
+  assert float(optax_norm(g["encoder"]["embeddings"]["word_embeddings"])) > 0
+  g = jax.jit(jax.grad(mlm_only))(params)
+  assert float(optax_norm(g["generator"])) > 0
+  assert float(optax_norm(g["encoder"]["embeddings"]["word_embeddings"])) > 0  # shared
+  for k in ("discriminator_dense", "discriminator_out"):
+    assert float(optax_norm(g[k])) == 0.0
+  assert float(optax_norm(layers(g))) == 0.0
   # Loss = mlm + 50 * disc, each normalised by its own count.
   np.testing.assert_allclose(float(m["loss"]), float(m["mlm_loss"]) + 50 * float(m["disc_loss"]), rtol=1e-5)
   assert 0.05 < float(m["replaced_fraction"]) < 0.2  # ~15% masked, almost all changed by sampling

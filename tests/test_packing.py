@@ -63,7 +63,7 @@ def test_full_sentences_joins_documents_with_sep():
 @pytest.fixture(scope="module")
 def model_and_params():
   cfg = config_for("tiny", vocab_size=256, dropout_rate=0.0, max_position_embeddings=64)
-  model = BertForPretraining(cfg, sbo=True, max_span_tokens=16)
+  model = BertForPretraining(cfg, sbo=True, sbo_max_targets=16)
   ids = jnp.zeros((1, L), jnp.int32)
   pos = jnp.zeros((1, 4), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), ids, ids, ids > 0, pos, pos, pos + 1)["params"]

@@ -207,6 +207,7 @@ class SelfAttention(nn.Module):
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(cfg.head_dim).astype(q.dtype)
       probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1)
       self.sow("attentions", "probs", probs)
+      self.sow("attentions", "scores", scores)  # pre-softmax, unmasked (TinyBERT's attention targets)
       y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     else:
       y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)

@@ -12,7 +12,9 @@ token whether it is the original (replaced-token detection, RTD):
   min  L_MLM + λ L_Disc,   λ = 50                                   (§2, eq. 1)
 
 A sampled token equal to the original counts as original. No gradient flows
-through the sampling (it is discrete), so the generator learns only from L_MLM.
+through the sampling: the samples are token ids (integers), so the discriminator's
+loss reaches the shared embeddings but never the generator's own layers, which
+learn only from L_MLM (tests/test_electra.py checks both).
 
 Weight sharing (§3.2): generator and discriminator share the token and position
 embeddings (the generator being smaller, both read E-dimensional embeddings and
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from spanlm.models.bert import BertConfig, BertEncoder, EncoderLayer, _zeros, dense, layer_norm
-from spanlm.models.heads import Transform, gather
+from spanlm.models.heads import gather
 
 
 def embedding_size(cfg: BertConfig) -> int:
@@ -74,9 +76,10 @@ class Generator(nn.Module):
       x = dense(cfg, cfg.hidden_size, ("embed_in", "embed"), "embeddings_project")(x)
     for i in range(cfg.num_layers):
       x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic)
-    h = Transform(cfg, name="mlm_transform")(gather(x, positions))
-    if self.embed_dim != cfg.hidden_size:  # back to E to score against the tied table
-      h = dense(cfg, self.embed_dim, ("embed", "embed_in"), "mlm_project")(h)
+    # ELECTRA's get_token_logits: ONE Dense to the embedding width E + GELU + LayerNorm,
+    # then the tied embedding table and a bias.
+    h = dense(cfg, self.embed_dim, ("embed_in", "embed"), "mlm_dense")(gather(x, positions))
+    h = layer_norm(cfg, "mlm_norm")(nn.gelu(h, approximate=False))
     bias = self.param("mlm_bias", _zeros(("vocab",)), (cfg.vocab_size,))
     return attend(h) + bias
 
@@ -131,6 +134,7 @@ def sample_replacements(seeds, logits, num_classes: int, num_reserved: int):
   ([PAD], [CLS], [SEP], [MASK], ...) are never sampled.
   """
   ids = jnp.arange(logits.shape[-1])
+  # stop_gradient as ELECTRA's _get_fake_data; the draw is an integer, so no gradient could pass anyway.
   logits = jnp.where((ids >= num_reserved) & (ids < num_classes),
                      jax.lax.stop_gradient(logits).astype(jnp.float32), -1e9)
   draw = lambda seed, row: jax.random.categorical(jax.random.PRNGKey(seed), row, axis=-1)

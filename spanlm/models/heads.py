@@ -35,25 +35,29 @@ def gather(x, positions):
 
 
 class SpanBoundaryHead(nn.Module):
-  """SpanBERT's Span Boundary Objective (Joshi et al. 2020, eq. 1-2).
+  """SpanBERT's Span Boundary Objective (Joshi et al. 2020, eq. 1-2), as its code builds it.
 
-  For a masked token x_i in span (s, e): y_i = f(x_{s-1}, x_{e+1}, p_{i-s+1}),
-  f a 2-layer FFN with GELU and LayerNorm over the concatenated boundary
-  representations and a relative-position embedding of the target in its span.
+  For a masked token x_i in span (s, e): y_i = f(x_{s-1}, x_{e+1}, p_{i-s}), f a
+  2-layer FFN with GELU and LayerNorm after each layer (`MLPWithLayerNorm`) over
+  the concatenated boundary states and a learned embedding of the target's index
+  in its span (`BertPairTargetPredictionHead` in facebookresearch/SpanBERT
+  pretraining/fairseq/models/pair_bert.py: a `max_targets` × 200 table, whatever
+  the hidden size; `--max-pair-targets 15 --pair-positional-embedding-size 200`).
+  The output feeds a decoder tied to the input embeddings with its own bias.
   """
 
   cfg: BertConfig
-  max_span_tokens: int
+  max_targets: int = 15
+  position_size: int = 200
 
   @nn.compact
   def __call__(self, hidden, left, right, relative_position):
     cfg = self.cfg
-    table = self.param("position_embeddings", _init(cfg, ("pos", "embed")),
-                       (self.max_span_tokens, cfg.hidden_size))
-    rel = jnp.take(constrain(table, ("pos", "activation_embed")),
-                   jnp.clip(relative_position, 0, self.max_span_tokens - 1), axis=0)
+    table = self.param("position_embeddings", _init(cfg, (None, None)),
+                       (self.max_targets, self.position_size))
+    rel = jnp.take(table, jnp.clip(relative_position, 0, self.max_targets - 1), axis=0)
     h = jnp.concatenate([gather(hidden, left), gather(hidden, right), rel.astype(hidden.dtype)], -1)
-    for i in range(2):  # the last layer's output feeds the tied decoder: width E
+    for i in range(2):  # the last layer's output feeds the tied decoder: width E (H unless ALBERT)
       width = cfg.hidden_size if i == 0 else cfg.embed_dim
       h = nn.gelu(dense(cfg, width, ("embed_in", "embed"), f"dense_{i}")(h), approximate=False)
       h = constrain(layer_norm(cfg, f"norm_{i}")(h), ACTIVATION_AXES)
@@ -82,7 +86,8 @@ class BertForPretraining(nn.Module):
 
   cfg: BertConfig
   sbo: bool = False
-  max_span_tokens: int = 64
+  sbo_max_targets: int = 15  # SBO targets per span (SpanBERT --max-pair-targets 15)
+  sbo_position_size: int = 200  # width of the SBO position table (SpanBERT: 200)
   pair_head: bool = False  # NSP/SOP: 2-way classifier on the pooled [CLS] (needs cfg.use_pooler)
 
   def setup(self):
@@ -90,7 +95,7 @@ class BertForPretraining(nn.Module):
     self.mlm_transform = Transform(self.cfg)
     self.mlm_bias = self.param("mlm_bias", _zeros(("vocab",)), (self.cfg.vocab_size,))
     if self.sbo:
-      self.sbo_head = SpanBoundaryHead(self.cfg, self.max_span_tokens)
+      self.sbo_head = SpanBoundaryHead(self.cfg, self.sbo_max_targets, self.sbo_position_size)
       self.sbo_bias = self.param("sbo_bias", _zeros(("vocab",)), (self.cfg.vocab_size,))
     if self.pair_head:
       if not self.cfg.use_pooler:

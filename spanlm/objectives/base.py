@@ -9,6 +9,7 @@ The contract (all methods are traced inside jit; shapes are static):
 
   model                      the flax module (`build_model()` makes it once)
   init_params(rng)           boxed (nn.Partitioned) params from dummy inputs
+  initial_params(params, frozen)  the starting params (default: `params` unchanged)
   frozen_inputs(mesh)        non-trained inputs of the loss (a teacher's params),
                              already placed on `mesh`, or None. They are passed to
                              the jitted step as an explicit argument -- never
@@ -111,7 +112,8 @@ class Objective:
   def dummy_inputs(self) -> tuple:
     """`model.init` arguments: (input_ids, segment_ids, attention_mask, positions), [1, L] / [1, P]."""
     ids = jnp.zeros((1, self.seq_len), jnp.int32)
-    pos = jnp.zeros((1, masking.max_predictions(self.seq_len, self.config.masking.rate)), jnp.int32)
+    m = self.config.masking
+    pos = jnp.zeros((1, masking.max_predictions(self.seq_len, m.rate, m.get("max_predictions", 0))), jnp.int32)
     return ids, ids, ids != masking.PAD_ID, pos
 
   def init_params(self, rng):
@@ -119,6 +121,11 @@ class Objective:
 
   def frozen_inputs(self, mesh) -> Any:
     return None
+
+  def initial_params(self, params, frozen):
+    """The starting params, given freshly initialised ones and `frozen` (a distillation student
+    may start from its teacher's layers); runs inside the jitted init."""
+    return params
 
   def prepare(self, rng, batch) -> dict:
     raise NotImplementedError

@@ -19,21 +19,25 @@ from spanlm.objectives.base import Objective, encoder_config, packed_keys, per
 class MaskedLM(Objective):
   """BERT's masked LM (any `config.masking.scheme`), plus SpanBERT's SBO when `objective.sbo`.
 
-  L = (Σ CE_mlm + sbo_weight · Σ CE_sbo) / N_pred  (SpanBERT eq. 3, per predicted token).
+  L = Σ CE_mlm / N_pred + sbo_weight · Σ CE_sbo / N_sbo, as SpanBERT's criterion
+  (`span_bert_loss`): SBO targets are the first `objective.sbo_max_targets` (15)
+  tokens of each merged span whose two boundaries are text (masking.sbo_weights),
+  normalised by their own count.
   """
 
   name = "mlm"
   pair_head = False
 
   def __init__(self, config, vocab_size, word_start_table):
-    self.num_predictions = masking.max_predictions(config.train.seq_len, config.masking.rate)
+    self.num_predictions = masking.max_predictions(config.train.seq_len, config.masking.rate,
+                                                   config.masking.get("max_predictions", 0))
     super().__init__(config, vocab_size, word_start_table)
 
   def build_model(self):
     o = self.config.objective
     cfg = encoder_config(self.config, self.vocab_size, **({"use_pooler": True} if self.pair_head else {}))
-    return BertForPretraining(cfg, sbo=bool(o.sbo), max_span_tokens=int(o.max_span_tokens),
-                              pair_head=self.pair_head)
+    return BertForPretraining(cfg, sbo=bool(o.sbo), sbo_max_targets=int(o.sbo_max_targets),
+                              sbo_position_size=int(o.sbo_position_size), pair_head=self.pair_head)
 
   def dummy_inputs(self):
     ids, segments, attention_mask, pos = super().dummy_inputs()
@@ -46,14 +50,16 @@ class MaskedLM(Objective):
   def prepare(self, rng, batch):
     """Mask the whole batch once, then gather the P predicted positions per row."""
     masked = self.mask(rng, batch["input_ids"])
-    preds = losses.select_predictions(masked, self.num_predictions)
+    sbo = masking.sbo_weights(masked, batch["input_ids"], int(self.config.objective.sbo_max_targets))
+    preds = losses.select_predictions(masked, self.num_predictions, sbo)
     return dict(input_ids=masked.input_ids, segment_ids=batch["segment_ids"],
                 attention_mask=batch["input_ids"] != masking.PAD_ID, positions=preds.positions,
                 targets=preds.targets, weights=preds.weights, left=preds.left, right=preds.right,
-                **{k: batch[k] for k in packed_keys() if k in batch})
+                sbo_weights=preds.sbo_weights, **{k: batch[k] for k in packed_keys() if k in batch})
 
   def denominators(self, prepared):
     return {"num_predictions": jnp.sum(prepared["weights"]),
+            "num_sbo_targets": jnp.sum(prepared["sbo_weights"]),
             "rows": jnp.float32(prepared["input_ids"].shape[0])}
 
   def _outputs(self, params, mb, rng, deterministic):
@@ -64,22 +70,27 @@ class MaskedLM(Objective):
         **{k: mb[k] for k in packed_keys() if k in mb})
 
   def _mlm_sums(self, outputs, mb):
-    preds = losses.Predictions(mb["positions"], mb["targets"], mb["weights"], mb["left"], mb["right"])
+    preds = losses.Predictions(mb["positions"], mb["targets"], mb["weights"], mb["left"], mb["right"],
+                               mb["sbo_weights"])
     return losses.pretraining_sums(outputs, preds, self.vocab_size)
 
   def sums(self, params, mb, rng, deterministic, frozen=None):
     return self._mlm_sums(self._outputs(params, mb, rng, deterministic), mb)
 
   def loss(self, sums, den):
-    return per(losses.total_loss(sums, self.config.objective.sbo_weight), den["num_predictions"])
+    loss = per(sums["mlm_loss"], den["num_predictions"])
+    if "sbo_loss" in sums:
+      loss = loss + float(self.config.objective.sbo_weight) * per(sums["sbo_loss"], den["num_sbo_targets"])
+    return loss
 
   def metrics(self, sums, den):
     n = den["num_predictions"]
     out = {"loss": self.loss(sums, den), "mlm_loss": per(sums["mlm_loss"], n),
            "mlm_accuracy": per(sums["mlm_correct"], n)}
     if "sbo_loss" in sums:
-      out["sbo_loss"] = per(sums["sbo_loss"], n)
-      out["sbo_accuracy"] = per(sums["sbo_correct"], n)
+      out["sbo_loss"] = per(sums["sbo_loss"], den["num_sbo_targets"])
+      out["sbo_accuracy"] = per(sums["sbo_correct"], den["num_sbo_targets"])
+      out["sbo_targets_per_row"] = per(den["num_sbo_targets"], den["rows"])
     out["predictions_per_row"] = per(n, den["rows"])
     return out
 
