@@ -97,6 +97,7 @@ def get_config(arg=None):
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-6
+  c.optimizer.bias_correction = False  # lamb_optimizer.py: no bias correction
   c.schedule.name = "warmup_linear"
   c.schedule.warmup_steps = 3_125
   return with_preset(c, arg, {"tiny": tiny, "large": large, "xlarge": xlarge, "xxlarge": xxlarge,

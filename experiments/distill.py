@@ -2,12 +2,14 @@
 Jiao et al. 2020): soft-target MLM (T² · KL), hidden-state MSE through a learned
 projection and attention-map MSE through the uniform layer mapping g(m) = m·N/M.
 
-DistilBERT: the student is BERT-base with half the layers (6), initialised from
-every other teacher layer (not done here: the student starts from random weights),
-T = 2, batch 4096 (gradient accumulation), Adam lr 5e-4, 3 epochs; losses 5·L_ce +
-2·L_mlm + 1·L_cos (the cosine term is replaced by TinyBERT's hidden/attention MSE here).
-TinyBERT-4: 4 layers, H 312, FFN 1200, 12 heads; general distillation uses the
-hidden and attention losses, then soft targets.
+DistilBERT (Hugging Face distiller.py / train.py defaults): the student is BERT-base
+with half the layers (6), initialised from the teacher's embeddings, MLM head and
+layers [0, 2, 4, 7, 9, 11]; T = 2; soft targets on every token; losses 5·L_ce +
+2·L_mlm + 1·L_cos; masked tokens chosen with mlm_smoothing 0.7; Adam lr 5e-4,
+eps 1e-6, no weight decay, clip-norm 5, 5% warmup; batch 4000 (accumulation).
+`:tinybert`: TinyBERT-4's general distillation (4 layers, H 312, FFN 1200, 12 heads,
+from scratch): hidden-state and pre-softmax attention-score MSEs summed over the
+mapped layers, no soft or hard MLM term. docs/fidelity.md has the table.
 
 The teacher is a pretraining workdir (its config.json + latest checkpoint); the
 student must use the teacher's tokenizer (a different vocabulary is an error):
@@ -27,6 +29,10 @@ def tinybert(c):
   c.model.hidden_size = 312
   c.model.num_heads = 12
   c.model.intermediate_size = 1200
+  c.distill.init_from_teacher = False
+  c.distill.soft_weight = c.distill.hard_weight = c.distill.cosine_weight = 0.0
+  c.distill.hidden_weight = c.distill.attention_weight = 1.0  # general_distill.py: rep + att
+  c.masking.smoothing = 0.0
 
 
 def tiny(c):
@@ -36,6 +42,8 @@ def tiny(c):
   c.model.num_heads = 1
   c.model.intermediate_size = 256
   c.train.num_steps = 300
+  c.distill.init_from_teacher = False  # H 64 here, the teacher's 128: nothing to copy
+  c.distill.hidden_weight = c.distill.attention_weight = 1.0  # exercise every term (W_h included)
 
 
 def get_config(arg=None):
@@ -46,11 +54,18 @@ def get_config(arg=None):
   c.model.size = "base"
   c.model.num_layers = 6  # DistilBERT: half of the teacher's 12
   c.distill.temperature = 2.0
-  c.distill.soft_weight = 5.0  # DistilBERT's α_ce : α_mlm = 5 : 2
+  c.distill.soft_weight = 5.0  # DistilBERT's α_ce : α_mlm : α_cos = 5 : 2 : 1
+  c.distill.soft_targets = "all"  # restrict_ce_to_mask=False
   c.distill.hard_weight = 2.0
-  c.distill.hidden_weight = 1.0
-  c.distill.attention_weight = 1.0
+  c.distill.cosine_weight = 1.0
+  c.distill.hidden_weight = 0.0  # TinyBERT's terms: off in DistilBERT (on in :tinybert)
+  c.distill.attention_weight = 0.0
+  c.distill.init_from_teacher = True  # extract_distilbert.py: every other teacher layer
   c.masking.scheme = "token"
+  c.masking.smoothing = 0.7  # mlm_smoothing
+  c.optimizer.eps = 1e-6
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip = 5.0
   c.train.num_steps = 100_000
   c.train.batch_size = 256
   c.train.seq_len = 512

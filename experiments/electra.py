@@ -71,6 +71,7 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 5e-4
   c.optimizer.weight_decay = 0.01
   c.optimizer.eps = 1e-6
+  c.optimizer.bias_correction = False  # AdamWeightDecayOptimizer: no bias correction
   c.schedule.name = "linear"
   c.schedule.warmup_steps = 10_000
   return with_preset(c, arg, {"base": base, "tiny": tiny})

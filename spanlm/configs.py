@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.masking.replacement = ""  # random replacements: uniform (BERT, ALBERT) | unigram (SpanBERT: the
   #                            token stream); "" = the scheme's paper's (span: unigram, others: uniform)
   c.masking.max_predictions = 0  # cap on predicted tokens per row (ALBERT's max_predictions_per_seq=20); 0 = none
+  c.masking.smoothing = 0.0  # token only: choose tokens with p ∝ count^-smoothing (DistilBERT's mlm_smoothing 0.7)
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "mlm"  # pretraining objective (spanlm/objectives/base.py OBJECTIVES): mlm | mlm_nsp | mlm_sop | ...
@@ -96,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-6
+  c.optimizer.bias_correction = True  # adam/adamw: Adam's bias correction (False: BERT's and ELECTRA's code)
   c.optimizer.grad_clip = 1.0  # global-norm clipping (0 = off)
   c.optimizer.momentum = 0.9  # sgd, lars, sgd_hd (Nesterov, as SGDN-HD)
   c.optimizer.trust_coefficient = 0.001  # lars: eta in eta ||w|| / (||g|| + wd ||w||)
@@ -213,6 +215,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"rows; use config.data.packing='document' (not 'packed')")
   if m.replacement not in ("", "uniform", "unigram"):
     fail(f"config.masking.replacement={m.replacement!r}; choose uniform, unigram or '' (the scheme's paper's)")
+  if m.smoothing < 0 or (m.smoothing > 0 and m.scheme != "token"):
+    fail(f"config.masking.smoothing={m.smoothing} must be >= 0, and > 0 only with masking.scheme='token'")
   if not isinstance(m.max_predictions, int) or m.max_predictions < 0:
     fail(f"config.masking.max_predictions={m.max_predictions!r} must be an integer >= 0 (0 = no cap)")
   if not isinstance(m.max_ngram, int) or m.max_ngram < 1:

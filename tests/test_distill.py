@@ -1,7 +1,7 @@
-"""Distillation: the losses match their equations, a student identical to its teacher has
-zero distillation loss, the teacher stays frozen, and a different vocabulary is refused."""
+"""Distillation: the losses against hand-checkable values and NumPy references written from
+DistilBERT's distiller.py and TinyBERT's general_distill.py, NSP teachers, the student's
+initialisation from the teacher, a frozen teacher, and a different vocabulary refused."""
 
-import json
 import os
 
 import flax.linen as nn
@@ -33,14 +33,9 @@ def _config(spec, **model):
   return c
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  """A BERT-tiny teacher workdir (config.json + one checkpoint) on the sample tokenizer."""
-  tok = Tokenizer.load(distill.SAMPLE_TOKENIZER)
-  table = tok.word_start_table()
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  tconf = _config("bert.py:tiny")
-  mesh = parallel.make_mesh(tconf.mesh, jax.devices()[:1])
+def _teacher_workdir(workdir, spec, tok, table):
+  """A teacher workdir (config.json + one checkpoint of `spec`'s objective) on the sample tokenizer."""
+  tconf = _config(spec)
   teacher = pretraining.make_objective(tconf, tok.vocab_size, table)
   params = nn.meta.unbox(jax.jit(teacher.init_params)(jax.random.PRNGKey(0)))
   ckpt = Checkpointer(workdir)
@@ -48,6 +43,17 @@ def setup(tmp_path_factory):
   ckpt.close()
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(tconf.to_json_best_effort())
+  return tconf, params
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A BERT-tiny teacher workdir on the sample tokenizer, and a batch."""
+  tok = Tokenizer.load(distill.SAMPLE_TOKENIZER)
+  table = tok.word_start_table()
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  tconf, params = _teacher_workdir(workdir, "bert.py:tiny", tok, table)
+  mesh = parallel.make_mesh(tconf.mesh, jax.devices()[:1])
   rng = np.random.default_rng(0)
   ids = rng.integers(5, tok.vocab_size, size=(B, L)).astype(np.int32)
   ids[:, 0], ids[:, -1] = 2, 3
@@ -84,25 +90,109 @@ def test_soft_target_loss_matches_the_definition():
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
-def test_identical_student_has_zero_distillation_loss(setup):
-  """Student = teacher (same sizes, teacher's params): soft, hidden and attention terms vanish."""
+def test_cosine_and_score_errors_by_hand():
+  s = jnp.array([[[1.0, 0.0], [1.0, 1.0], [3.0, 4.0]]])
+  t = jnp.array([[[0.0, 2.0], [2.0, 2.0], [9.0, 9.0]]])
+  # 1 - cos: orthogonal 1, parallel 0; the third position is padding (weight 0).
+  assert float(distill.cosine_sum(s, t, jnp.array([[1.0, 1.0, 0.0]]))) == pytest.approx(1.0, abs=1e-6)
+  a = jnp.zeros((1, 2, 2, 2)).at[0, 0, 0, 1].set(3.0)
+  assert float(distill.score_sq_error_sum(a, jnp.zeros_like(a))) == 9.0
+  # Different head counts: head-averaged first, (3/2)² = 2.25.
+  assert float(distill.score_sq_error_sum(a, jnp.zeros((1, 4, 2, 2)))) == 2.25
+
+
+def test_student_layers_from_teacher_are_distilberts():
+  assert distill.student_layers_from_teacher(6, 12) == [0, 2, 4, 7, 9, 11]  # extract_distilbert.py
+  assert distill.student_layers_from_teacher(2, 4) == [0, 3]
+  with pytest.raises(ValueError, match="cannot start"):
+    distill.student_layers_from_teacher(4, 2)
+
+
+@pytest.fixture(scope="module")
+def same_size(setup):
+  """A 2-layer student of the 2-layer teacher's width, on one prepared batch."""
   c = _student(setup, num_layers=None, hidden_size=None, num_heads=None, intermediate_size=None)
+  c.distill.hidden_weight = c.distill.attention_weight = c.distill.cosine_weight = 1.0
   obj = distill.Distill(c, setup["tok"].vocab_size, setup["table"])
   frozen = obj.frozen_inputs(setup["mesh"])
   prepared = obj.prepare(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, setup["batch"]))
-  den = obj.denominators(prepared)
-  params = {k: v for k, v in setup["params"].items() if k in frozen}
-  metrics = jax.jit(lambda p: obj.metrics(obj.sums(p, prepared, None, True, frozen), den))
-  m = metrics(params)
-  for k in ("soft_loss", "hidden_loss", "attention_loss"):
-    assert abs(float(m[k])) < 1e-6, (k, float(m[k]))  # float32 rounding only
-  assert float(m["mlm_loss"]) > 1.0  # the hard MLM loss of a random teacher is not zero
-  # ... and a different student is penalised on every term (attention maps of a randomly
-  # initialised model are close to uniform, hence the small but clearly non-zero threshold).
-  other = jax.tree.map(lambda x: x * 1.5, params)
-  m2 = metrics(other)
-  for k in ("soft_loss", "hidden_loss", "attention_loss"):
-    assert float(m2[k]) > 2e-5, (k, float(m2[k]))
+  params = nn.meta.unbox(jax.jit(obj.init_params)(jax.random.PRNGKey(5)))
+  return dict(obj=obj, frozen=frozen, prepared=prepared, den=obj.denominators(prepared), params=params)
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_losses_match_distilbert_and_tinybert_definitions(same_size):
+  """From the models' raw outputs, in NumPy: DistilBERT's KL over every non-pad token
+  (KLDivLoss batchmean over the selected tokens, × T²), TinyBERT's MSEs over the whole
+  [B, L, ...] block summed over the mapped layers, with PRE-softmax scores (masked keys 0)."""
+  obj, frozen, mb, den, params = (same_size[k] for k in ("obj", "frozen", "prepared", "den", "params"))
+  sums = jax.jit(lambda p: obj.sums(p, mb, None, True, frozen))(params)
+  m = {k: float(v) for k, v in obj.metrics(sums, den).items()}
+  B, L = mb["input_ids"].shape
+  pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+  run = lambda mod, p: obj._forward(mod, p, mb, None, True, pos)
+  (out_s, var_s), (out_t, var_t) = run(obj.model, params), run(obj.teacher, frozen)
+  V, T = obj.vocab_size, 2.0
+  tok = np.asarray(mb["attention_mask"])
+  ps = _softmax(np.asarray(out_s["mlm_logits"], np.float64)[..., :V] / T)
+  pt = _softmax(np.asarray(out_t["mlm_logits"], np.float64)[..., :V] / T)
+  kl = np.sum(pt * (np.log(pt) - np.log(ps)), -1)
+  assert m["soft_loss"] == pytest.approx(T ** 2 * kl[tok].mean(), rel=1e-4)
+  # TinyBERT's attention targets, recomputed from layer 0's input and its query/key weights.
+  x = np.asarray(var_t["intermediates"]["encoder"]["embeddings"]["__call__"][0], np.float64)
+  att = jax.tree.map(np.asarray, frozen["encoder"]["layer_0"]["attention"])
+  q = np.einsum("bld,dhk->blhk", x, att["query"]["kernel"]) + att["query"]["bias"]
+  k = np.einsum("bld,dhk->blhk", x, att["key"]["kernel"]) + att["key"]["bias"]
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(tok[:, None, None, :], scores, 0.0)
+  _, att_t = distill.internals(var_t, obj.teacher_cfg, mb["attention_mask"])
+  np.testing.assert_allclose(np.asarray(att_t[0]), scores, atol=1e-4, rtol=1e-4)
+  hid_s, att_s = distill.internals(var_s, obj.model.cfg, mb["attention_mask"])
+  hid_t, _ = distill.internals(var_t, obj.teacher_cfg, mb["attention_mask"])
+  assert obj.mapping == [0, 1, 2]
+  f = lambda a: np.asarray(a, np.float64)
+  want_hid = sum(((f(hid_s[i]) - f(hid_t[i])) ** 2).mean() for i in range(3))  # summed, not averaged
+  want_att = sum(((f(att_s[i]) - f(distill.internals(var_t, obj.teacher_cfg, mb["attention_mask"])[1][i])) ** 2).mean()
+                 for i in range(2))
+  assert m["hidden_loss"] == pytest.approx(want_hid, rel=1e-4)
+  assert m["attention_loss"] == pytest.approx(want_att, rel=1e-4)
+  hs, ht = f(hid_s[-1]), f(hid_t[-1])
+  cos = (hs * ht).sum(-1) / np.linalg.norm(hs, axis=-1) / np.linalg.norm(ht, axis=-1)
+  assert m["cosine_loss"] == pytest.approx((1 - cos)[tok].mean(), rel=1e-4)
+
+
+def test_student_starts_from_every_other_teacher_layer(same_size, setup):
+  obj = same_size["obj"]
+  obj.config.distill.init_from_teacher = True
+  try:
+    obj.copied_layers = distill.student_layers_from_teacher(2, 2)
+    start = jax.jit(obj.initial_params)(same_size["params"], same_size["frozen"])
+  finally:
+    obj.config.distill.init_from_teacher = False
+  t = setup["params"]
+  for m, n in enumerate(obj.copied_layers):
+    jax.tree.map(np.testing.assert_array_equal, start["encoder"][f"layer_{m}"], t["encoder"][f"layer_{n}"])
+  for key in ("mlm_transform", "mlm_bias"):
+    jax.tree.map(np.testing.assert_array_equal, start[key], t[key])
+  jax.tree.map(np.testing.assert_array_equal, start["encoder"]["embeddings"], t["encoder"]["embeddings"])
+
+
+def test_nsp_teacher_with_pooler(setup, tmp_path):
+  """An MLM+NSP teacher (experiments/bert.py:nsp_tiny: pooler + pair head) teaches."""
+  _teacher_workdir(str(tmp_path), "bert.py:nsp_tiny", setup["tok"], setup["table"])
+  c = _student(setup)
+  c.distill.teacher_workdir = str(tmp_path)
+  obj = distill.Distill(c, setup["tok"].vocab_size, setup["table"])
+  frozen = obj.frozen_inputs(setup["mesh"])
+  assert "pooler" in frozen["encoder"]
+  prepared = obj.prepare(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, setup["batch"]))
+  params = nn.meta.unbox(jax.jit(obj.init_params)(jax.random.PRNGKey(1)))
+  m = obj.metrics(obj.sums(params, prepared, None, True, frozen), obj.denominators(prepared))
+  assert np.isfinite(float(m["loss"])) and float(m["soft_loss"]) > 0
 
 
 def test_student_trains_and_teacher_stays_frozen(setup):

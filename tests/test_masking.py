@@ -512,3 +512,26 @@ def test_invariants_on_arbitrary_rows(scheme, rows, rate, seed):
   check_invariants(ids, out, rate, scheme)
   if scheme == "token":
     np.testing.assert_array_equal(out.weights.sum(1), np_budget(ids, rate, scheme))
+
+
+def test_mlm_smoothing_prefers_rare_tokens():
+  """DistilBERT's mlm_smoothing: tokens chosen with p ∝ max(count, 1)^-0.7, without replacement
+  (torch.multinomial), against a NumPy draw of the same law on the same rows."""
+  rng = np.random.default_rng(0)
+  ids = np.full((32, 64), 7, np.int32)
+  ids[:, 0], ids[:, -1] = masking.CLS_ID, masking.SEP_ID
+  ids[:, 1:25] = rng.integers(10, V, (32, 24))  # 24 mostly rare tokens, 38 copies of 7 per row
+  out = run("token", ids, seed=1, smoothing=0.7)
+  got = (ids[out.weights > 0] == 7).mean()
+  text = ~is_special(ids)
+  counts = np.bincount(ids[text], minlength=V)
+  picks = []
+  for b in range(len(ids)):
+    pos = np.nonzero(text[b])[0]
+    w = np.maximum(counts[ids[b, pos]], 1) ** -0.7
+    for _ in range(20):
+      chosen = rng.choice(pos, size=np_budget(ids[b:b + 1], 0.15)[0], replace=False, p=w / w.sum())
+      picks.append((ids[b, chosen] == 7).mean())
+  want = np.mean(picks)
+  assert want < 0.3 < (ids[text] == 7).mean()  # the law differs from uniform selection
+  assert abs(got - want) < 0.03, (got, want)

@@ -116,3 +116,27 @@ def test_sbo_head_matches_spanbert_pair_target_head():
                    np.stack([ref[1, 0, 0], ref[1, 0, 1], ref[1, 0, 2]])])
   np.testing.assert_allclose(got[:, :3], want, atol=2e-4, rtol=1e-4)
   np.testing.assert_allclose(got[1, 3], ref[1, 1, 0], atol=2e-4, rtol=1e-4)
+
+
+def test_recipes_follow_their_reference_commands():
+  """The values docs/fidelity.md lists for each recipe (the papers' commands and released code)."""
+  import os
+
+  from spanlm import configs
+
+  load = lambda spec: configs.load(os.path.join(os.path.dirname(__file__), "..", "experiments", spec))
+  s = load("span_bert.py")
+  assert (s.masking.scheme, s.masking.replacement, s.objective.sbo) == ("span", "unigram", True)
+  assert (s.objective.sbo_max_targets, s.objective.sbo_position_size, s.objective.sbo_weight) == (15, 200, 1.0)
+  assert (s.optimizer.eps, s.optimizer.weight_decay, s.optimizer.grad_clip) == (1e-8, 0.01, 1.0)
+  a = load("albert.py")
+  assert (a.masking.scheme, a.masking.max_predictions, a.masking.replacement) == ("ngram", 20, "uniform")
+  e = load("electra.py")
+  assert (e.masking.mask_prob, e.masking.random_prob) == (0.85, 0.0)
+  d = load("distill.py")
+  assert (d.distill.soft_targets, d.distill.init_from_teacher, d.masking.smoothing) == ("all", True, 0.7)
+  assert (d.distill.soft_weight, d.distill.hard_weight, d.distill.cosine_weight) == (5.0, 2.0, 1.0)
+  t = load("distill.py:tinybert")
+  assert (t.distill.hidden_weight, t.distill.attention_weight, t.distill.soft_weight) == (1.0, 1.0, 0.0)
+  b = load("bert.py")
+  assert (b.masking.scheme, b.masking.replacement or "uniform") == ("token", "uniform")

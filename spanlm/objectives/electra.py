@@ -61,7 +61,8 @@ class Electra(pretraining.Objective):
   name = "electra"
 
   def __init__(self, config, vocab_size, word_start_table):
-    self.num_predictions = masking.max_predictions(config.train.seq_len, config.masking.rate)
+    self.num_predictions = masking.max_predictions(config.train.seq_len, config.masking.rate,
+                                                   config.masking.get("max_predictions", 0))
     super().__init__(config, vocab_size, word_start_table)
 
   def build_model(self):

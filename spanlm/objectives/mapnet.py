@@ -167,7 +167,8 @@ class Mapnet(pretraining.Objective):
   name = "mapnet"
 
   def __init__(self, config, vocab_size, word_start_table):
-    self.num_predictions = masking.max_predictions(config.train.seq_len, config.masking.rate)
+    self.num_predictions = masking.max_predictions(config.train.seq_len, config.masking.rate,
+                                                   config.masking.get("max_predictions", 0))
     super().__init__(config, vocab_size, word_start_table)
 
   def build_model(self):
@@ -177,7 +178,8 @@ class Mapnet(pretraining.Objective):
     ids = batch["input_ids"]
     maskable = ~masking.special_mask(ids)
     return dict(input_ids=ids, segment_ids=batch["segment_ids"], attention_mask=ids != masking.PAD_ID,
-                maskable=maskable, budget=masking._budget(maskable, self.config.masking.rate),
+                maskable=maskable, budget=masking._budget(ids, self.config.masking.rate,
+                                                          cap=self.config.masking.get("max_predictions", 0)),
                 seeds=jax.random.bits(rng, (ids.shape[0],), jnp.uint32))
 
   def denominators(self, prepared):

@@ -131,9 +131,15 @@ def mask_tokens(
     num_reserved: int = NUM_RESERVED,
     replacement: str = "uniform",
     cap: int = 0,
+    smoothing: float = 0.0,
 ) -> MaskedBatch:
   """BERT token masking (Devlin et al., 2019, §3.1; google-research/bert
   `create_masked_lm_predictions`).
+
+  `smoothing` > 0 is DistilBERT's `mlm_smoothing` (0.7 in its recipe): a token
+  is chosen with probability ∝ max(count, 1)^-smoothing, so rare tokens are
+  masked more often (weighted sampling without replacement, by Gumbel top-k).
+  Counts are the token's occurrences in the batch (DistilBERT: in the corpus).
 
   Exactly `budget` of each row's maskable tokens (`_budget`: BERT's
   `min(max_predictions_per_seq, max(1, round(len(tokens) * rate)))`) are chosen
@@ -145,7 +151,13 @@ def mask_tokens(
   select_rng, corrupt_rng = jax.random.split(rng)
   maskable = ~special_mask(input_ids)
   budget = _budget(input_ids, rate, cap=cap)
-  scores = jnp.where(maskable, jax.random.uniform(select_rng, input_ids.shape), jnp.inf)
+  if smoothing > 0:
+    counts = jnp.zeros(vocab_size, jnp.float32).at[input_ids].add(maskable.astype(jnp.float32))
+    log_w = -smoothing * jnp.log(jnp.maximum(counts[input_ids], 1.0))
+    scores = -(log_w + jax.random.gumbel(select_rng, input_ids.shape))
+    scores = jnp.where(maskable, scores, jnp.inf)
+  else:
+    scores = jnp.where(maskable, jax.random.uniform(select_rng, input_ids.shape), jnp.inf)
   rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
   positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
   unit = jnp.where(rank < budget[:, None], positions, -1)
@@ -360,7 +372,7 @@ def apply_masking(
   """Dispatches on `cfg.scheme` in `SCHEMES`.
 
   Reads `cfg.rate`, `cfg.mask_prob`, `cfg.random_prob`, `cfg.replacement`,
-  `cfg.max_predictions` and, for spans, `cfg.geometric_p` and `cfg.max_span`
+  `cfg.max_predictions`, for tokens `cfg.smoothing` and, for spans, `cfg.geometric_p` and `cfg.max_span`
   (n-grams: `cfg.max_ngram`), falling back to the scheme functions' defaults
   for any that `cfg` lacks (`replacement`: the scheme's paper's).
   """
@@ -371,7 +383,7 @@ def apply_masking(
   if replacement:
     common["replacement"] = replacement
   if cfg.scheme == "token":
-    return mask_tokens(rng, input_ids, **common)
+    return mask_tokens(rng, input_ids, smoothing=float(get("smoothing", 0.0) or 0.0), **common)
   if cfg.scheme == "whole_word":
     return mask_whole_words(rng, input_ids, word_start_table, **common)
   if cfg.scheme == "span":

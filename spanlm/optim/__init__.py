@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from spanlm.optim.common import LearningRateState, decay_mask, scale_by_learning_rate
+from spanlm.optim.common import (LearningRateState, decay_mask, scale_by_adam_uncorrected,
+                                 scale_by_learning_rate)
 from spanlm.optim.hypergradient import (HypergradientState, HyperparamHypergradientState, adam_hd,
                                         hypergradient_descent, sgd_hd)
 from spanlm.optim.lamb import TrustRatioState, lamb, scale_by_trust_ratio
@@ -38,15 +39,21 @@ DEFAULT_HYPER_LR = {"sgd_hd": 1e-3, "adam_hd": 1e-7}
 GROUP_KEYS = ("pattern", "label")  # group keys that are not config.optimizer overrides
 
 
+def _adam(opt):
+  if opt.get("bias_correction", True):
+    return optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  return scale_by_adam_uncorrected(opt.b1, opt.b2, opt.eps)  # BERT's, ELECTRA's code
+
+
 def _single(opt, schedule) -> optax.GradientTransformation:
   """One optimizer from a config.optimizer-like ConfigDict (no clipping, no groups)."""
   name = opt.name
   if name == "adamw":  # optax.adamw's chain
-    return optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+    return optax.chain(_adam(opt),
                        optax.add_decayed_weights(opt.weight_decay, decay_mask),
                        scale_by_learning_rate(schedule))
   if name == "adam":
-    return optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+    return optax.chain(_adam(opt),
                        scale_by_learning_rate(schedule))
   if name == "sgd":
     return optax.chain(optax.trace(decay=opt.momentum) if opt.momentum else optax.identity(),
@@ -54,7 +61,7 @@ def _single(opt, schedule) -> optax.GradientTransformation:
   if name == "lamb":
     return lamb(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                 weight_decay_mask=decay_mask, min_norm=opt.trust_min_norm,
-                max_norm=opt.trust_max_norm or None)
+                max_norm=opt.trust_max_norm or None, bias_correction=opt.get("bias_correction", True))
   if name == "lars":
     return lars(schedule, momentum=opt.momentum, trust_coefficient=opt.trust_coefficient,
                 weight_decay=opt.weight_decay, weight_decay_mask=decay_mask)

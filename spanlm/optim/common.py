@@ -16,6 +16,25 @@ import jax.numpy as jnp
 import optax
 
 
+def scale_by_adam_uncorrected(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """Adam's moments WITHOUT bias correction, u = m_t / (sqrt(v_t) + eps): google-research/bert's
+  `AdamWeightDecayOptimizer` (also ELECTRA's) and ALBERT's `lamb_optimizer.py`, which the papers
+  call Adam and LAMB (both of which correct the bias)."""
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+    out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return out, optax.ScaleByAdamState(count=optax.safe_int32_increment(state.count), mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init, update)
+
+
 class LearningRateState(NamedTuple):
   count: jax.Array  # int32: updates applied so far (the schedule's argument)
   learning_rate: jax.Array  # float32: eta_t used in the last update (0 before the first)

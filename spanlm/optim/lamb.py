@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spanlm.optim.common import check_hyperparams, scale_by_learning_rate, with_mask_checks
+from spanlm.optim.common import (check_hyperparams, scale_by_adam_uncorrected, scale_by_learning_rate,
+                                 with_mask_checks)
 
 
 class TrustRatioState(NamedTuple):
@@ -74,7 +75,7 @@ def scale_by_trust_ratio(min_norm: float = 0.0, max_norm: float | None = None,
 def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
          eps: float = 1e-6, weight_decay: float = 0.0, weight_decay_mask=None,
          trust_ratio_mask=None, min_norm: float = 0.0, max_norm: float | None = None,
-         eps_root: float = 0.0) -> optax.GradientTransformation:
+         eps_root: float = 0.0, bias_correction: bool = True) -> optax.GradientTransformation:
   """LAMB (You et al. 2020, Algorithm 2) with ALBERT's exclusions.
 
   Args:
@@ -94,7 +95,8 @@ def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
   if trust_ratio_mask is not None and trust_ratio_mask is not True:
     trust = optax.masked(trust, trust_ratio_mask)
   tx = optax.chain(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      (optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root) if bias_correction
+       else scale_by_adam_uncorrected(b1, b2, eps)),  # ALBERT's lamb_optimizer.py: uncorrected
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       trust,
       scale_by_learning_rate(learning_rate))
