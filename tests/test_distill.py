@@ -134,30 +134,34 @@ def test_losses_match_distilbert_and_tinybert_definitions(same_size):
   m = {k: float(v) for k, v in obj.metrics(sums, den).items()}
   B, L = mb["input_ids"].shape
   pos = jnp.broadcast_to(jnp.arange(L), (B, L))
-  run = lambda mod, p: obj._forward(mod, p, mb, None, True, pos)
-  (out_s, var_s), (out_t, var_t) = run(obj.model, params), run(obj.teacher, frozen)
+
+  @jax.jit
+  def raw(params, frozen):  # the models' own outputs; every loss below is recomputed in NumPy
+    (out_s, var_s), (out_t, var_t) = (obj._forward(obj.model, params, mb, None, True, pos),
+                                      obj._forward(obj.teacher, frozen, mb, None, True, pos))
+    hid_s, att_s = distill.internals(var_s, obj.model.cfg, mb["attention_mask"])
+    hid_t, att_t = distill.internals(var_t, obj.teacher_cfg, mb["attention_mask"])
+    return out_s["mlm_logits"], out_t["mlm_logits"], hid_s, att_s, hid_t, att_t
+
+  logits_s, logits_t, hid_s, att_s, hid_t, att_t = jax.device_get(raw(params, frozen))
   V, T = obj.vocab_size, 2.0
   tok = np.asarray(mb["attention_mask"])
-  ps = _softmax(np.asarray(out_s["mlm_logits"], np.float64)[..., :V] / T)
-  pt = _softmax(np.asarray(out_t["mlm_logits"], np.float64)[..., :V] / T)
+  ps = _softmax(np.asarray(logits_s, np.float64)[..., :V] / T)
+  pt = _softmax(np.asarray(logits_t, np.float64)[..., :V] / T)
   kl = np.sum(pt * (np.log(pt) - np.log(ps)), -1)
   assert m["soft_loss"] == pytest.approx(T ** 2 * kl[tok].mean(), rel=1e-4)
   # TinyBERT's attention targets, recomputed from layer 0's input and its query/key weights.
-  x = np.asarray(var_t["intermediates"]["encoder"]["embeddings"]["__call__"][0], np.float64)
+  x = np.asarray(hid_t[0], np.float64)  # layer 0's input: the embeddings' output
   att = jax.tree.map(np.asarray, frozen["encoder"]["layer_0"]["attention"])
   q = np.einsum("bld,dhk->blhk", x, att["query"]["kernel"]) + att["query"]["bias"]
   k = np.einsum("bld,dhk->blhk", x, att["key"]["kernel"]) + att["key"]["bias"]
   scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
   scores = np.where(tok[:, None, None, :], scores, 0.0)
-  _, att_t = distill.internals(var_t, obj.teacher_cfg, mb["attention_mask"])
   np.testing.assert_allclose(np.asarray(att_t[0]), scores, atol=1e-4, rtol=1e-4)
-  hid_s, att_s = distill.internals(var_s, obj.model.cfg, mb["attention_mask"])
-  hid_t, _ = distill.internals(var_t, obj.teacher_cfg, mb["attention_mask"])
   assert obj.mapping == [0, 1, 2]
   f = lambda a: np.asarray(a, np.float64)
   want_hid = sum(((f(hid_s[i]) - f(hid_t[i])) ** 2).mean() for i in range(3))  # summed, not averaged
-  want_att = sum(((f(att_s[i]) - f(distill.internals(var_t, obj.teacher_cfg, mb["attention_mask"])[1][i])) ** 2).mean()
-                 for i in range(2))
+  want_att = sum(((f(att_s[i]) - f(att_t[i])) ** 2).mean() for i in range(2))
   assert m["hidden_loss"] == pytest.approx(want_hid, rel=1e-4)
   assert m["attention_loss"] == pytest.approx(want_att, rel=1e-4)
   hs, ht = f(hid_s[-1]), f(hid_t[-1])

@@ -206,6 +206,7 @@ def pair_config(objective, accum=1):
   c.model.num_layers, c.model.hidden_size, c.model.intermediate_size = 1, 64, 128
   c.model.embedding_size, c.model.vocab_multiple = 32, 1
   c.optimizer.name, c.optimizer.learning_rate, c.schedule.warmup_steps = "adamw", 3e-3, 0
+  c.optimizer.bias_correction = True  # without warmup, Adam needs its bias correction (ALBERT's LAMB has none)
   for k in ("data", "fsdp", "model"):
     c.mesh[k] = 1
   return c
