@@ -125,6 +125,7 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_losses_match_distilbert_and_tinybert_definitions(same_size):
   """From the models' raw outputs, in NumPy: DistilBERT's KL over every non-pad token
   (KLDivLoss batchmean over the selected tokens, × T²), TinyBERT's MSEs over the whole

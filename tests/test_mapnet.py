@@ -132,6 +132,7 @@ def test_proposal_loss_pulls_towards_high_loss_tokens():
   np.testing.assert_allclose(a, np.asarray(c[0] / c.sum()), atol=0.02)
 
 
+@pytest.mark.slow
 def test_mapnet_tiny_recipe_trains():
   """experiments/mapnet.py:tiny through the Trainer (jitted step, proposal sampling inside the
   loss): the loss falls, the proposal network receives a gradient, the weights average ~1."""

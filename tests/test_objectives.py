@@ -105,8 +105,9 @@ def test_sbo_head_matches_spanbert_pair_target_head():
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *args)["params"])
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
   assert params["sbo_head"]["position_embeddings"].shape == (T, 200)
-  out = model.apply({"params": params}, *args)
-  hidden = np.asarray(model.apply({"params": params}, *args, method=lambda m, i, s, a, *_: m.encoder(i, s, a)))
+  out = jax.jit(model.apply)({"params": params}, *args)
+  hidden = np.asarray(jax.jit(lambda p: model.apply(p, *args, method=lambda m, i, s, a, *_: m.encoder(i, s, a)))(
+      {"params": params}))
   p = jax.tree.map(np.asarray, params)
   table = p["encoder"]["embeddings"]["word_embeddings"]
   pairs = np.array([[[2, 6], [2, 6]], [[0, 5], [7, 9]]])
