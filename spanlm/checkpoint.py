@@ -69,9 +69,33 @@ class Checkpointer:
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self._manager = self._open()
+    self._drop_uncommitted()
+
+  def _drop_uncommitted(self):
+    """On object storage a step is written in place and committed by a marker file, so a killed
+    writer leaves an uncommitted step folder that the next save of that step would trip over
+    (locally Orbax writes to a tmp folder and renames). Process 0 removes such folders."""
+    from spanlm.workdir import is_remote
+    if not is_remote(self.directory):
+      return
+    if jax.process_index() == 0 and self.directory.exists():
+      committed = set(self._manager.all_steps())
+      for d in self.directory.iterdir():
+        if d.name.isdigit() and int(d.name) not in committed:
+          logging.warning("removing the uncommitted (interrupted) checkpoint folder %s", d)
+          d.rmtree()
+    resilience.barrier("drop_uncommitted")
+    self._manager.reload()
 
   def _open(self):
-    return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "data"))
+    # SPANLM_CHECKPOINT_OCDBT=0 writes one zarr store per array instead of Orbax's default OCDBT
+    # database: gcp-storage-emulator (tests/test_gcs.py) answers OCDBT's second manifest write in
+    # a process with a generation TensorStore rejects ("Malformed StorageGeneration").
+    ocdbt = os.environ.get("SPANLM_CHECKPOINT_OCDBT", "1") != "0"
+    return ocp.CheckpointManager(
+        self.directory, options=self._options, item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -31,10 +31,12 @@ import re
 from typing import Any
 
 import ml_collections
-from absl import logging
 from etils import epath
 
 SCHEMES = ("gs",)
+# gcsfs warns on every bucket it opens without credentials (an emulator, a public bucket).
+logging_std = __import__("logging")
+logging_std.getLogger("gcsfs").setLevel(logging_std.ERROR)
 # Fields that may change between invocations of one run: the loop's knobs, the mesh (resume on
 # another topology), where the corpus is spelled. Everything else shapes the checkpoint or the data.
 MAY_CHANGE = ("train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every",

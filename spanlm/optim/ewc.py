@@ -70,18 +70,30 @@ def _flat(tree, prefix):
 
 def save(path: str, fisher, theta_star) -> None:
   """Write the Fisher diagonal and theta*_A (nested param dicts) to one .npz."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **_flat(fisher, "fisher"), **_flat(theta_star, "theta"))
-  os.replace(tmp, path)  # readers never see a half-written file
+  import io
+
+  from spanlm.workdir import is_remote, path as as_path
+  buffer = io.BytesIO()
+  np.savez(buffer, **_flat(fisher, "fisher"), **_flat(theta_star, "theta"))
+  target = as_path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(target):
+    target.write_bytes(buffer.getvalue())  # an object appears whole
+  else:
+    tmp = target.with_name(target.name + ".tmp.npz")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, target)  # readers never see a half-written file
 
 
 def load(path: str) -> tuple[dict, dict]:
   """(fisher, theta_star) as nested dicts, from a file written by `save`."""
-  if not os.path.isfile(path):
+  import io
+
+  from spanlm.workdir import path as as_path
+  if not as_path(path).is_file():
     raise FileNotFoundError(f"EWC Fisher file {path!r} not found; create it with "
                             "tools/compute_fisher.py --config=... --workdir=TASK_A_WORKDIR")
-  with np.load(path) as z:
+  with np.load(io.BytesIO(as_path(path).read_bytes())) as z:
     parts = {"fisher": {}, "theta": {}}
     for name in z.files:
       kind, _, key = name.partition("/")
@@ -153,37 +165,28 @@ def compute_for_workdir(config, workdir: str, num_examples: int = 1024, chunk: i
   import json
   import time
 
-  from spanlm import checkpoint as ckpt_lib
   from spanlm import parallel
-  from spanlm.data import pipeline, prepare
-  from spanlm.data.tokenizer import Tokenizer
+  from spanlm import workdir as workdir_lib
+  from spanlm.data import pipeline
   from spanlm.train import Trainer
 
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise FileNotFoundError(f"workdir {workdir!r} holds no checkpoints/; train task A there first "
+  wd = workdir_lib.Workdir(workdir)
+  if not wd.has_checkpoints():
+    raise FileNotFoundError(f"workdir {wd} holds no checkpoints/; train task A there first "
                             "(python -m spanlm.main --config=... --workdir=...)")
-  t = config.train
-  data_dir = prepare.ensure_prepared(config.data.corpus, workdir, t.seq_len, tokenizer=config.data.tokenizer,
-                                     vocab_size=config.data.vocab_size,
-                                     validation_fraction=config.data.validation_fraction)
-  dataset = prepare.load_prepared(data_dir)
-  tokenizer = Tokenizer.load(dataset.tokenizer_path)
+  wd.check_config(config)  # task A's config: same model and data
+  dataset, tokenizer = wd.prepare_data(config)  # the config's own packing and vocabulary
   trainer = Trainer(config, tokenizer.vocab_size, tokenizer.word_start_table(), parallel.make_mesh(config.mesh))
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  step = checkpointer.latest_step()
-  state, _ = checkpointer.restore(step, trainer.abstract_state)
-  checkpointer.close()
+  step, state, _ = wd.latest(trainer.abstract_state)  # newest intact checkpoint (digest, fallback)
   batches = pipeline.eval_batches(dataset.train, batch_size=chunk, max_batches=-(-num_examples // chunk))
   start = time.time()
   fisher, n = trainer_fisher(trainer, state.params, batches, seed=config.seed)
   seconds = time.time() - start
-  out = out or os.path.join(workdir, "ewc", "fisher.npz")
+  out = str(out or (wd.root / "ewc" / "fisher.npz"))
   save(out, fisher, state.params)
   leaves = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(fisher))])
   summary = {"checkpoint_step": int(step), "num_examples": n, "num_params": int(leaves.size),
              "fisher_mean": float(leaves.mean()), "fisher_max": float(leaves.max()),
              "fisher_median": float(np.median(leaves)), "seconds": seconds, "file": out}
-  with open(os.path.splitext(out)[0] + ".json", "w") as f:
-    json.dump(summary, f, indent=1)
+  workdir_lib.path(os.path.splitext(out)[0] + ".json").write_text(json.dumps(summary, indent=1))
   return summary
