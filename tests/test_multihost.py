@@ -62,7 +62,7 @@ def _launch(workdir, corpus, processes, devices, mesh, *extra):
           for c, log in zip(cmds, logs)]
 
 
-def _wait(procs, timeout=300):
+def _wait(procs, timeout=900):
   try:
     for p, log in procs:
       p.wait(timeout=timeout)
