@@ -152,6 +152,7 @@ def runs(tmp_path_factory):
 def test_two_processes_equal_one(runs, name):
   expected, got = _losses(runs / "ref"), _losses(runs / name)
   assert sorted(got) == list(range(1, STEPS + 1))
+  print(name, "max relative loss difference", max(abs(got[s] / expected[s] - 1) for s in got))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-5)
   _assert_same_params(_params(runs / name), _params(runs / "ref"))
 
@@ -160,6 +161,8 @@ def test_stopped_on_one_process_resumes_on_two(runs):
   # data=8: the 1 x 8 run stopped at step STOP continues on 2 processes x 4 devices exactly as on 1 x 8.
   expected, got = _losses(runs / "ref"), _losses(runs / "data8")
   assert sorted(got) == list(range(1, STEPS + 1))
+  print("data8 (resumed) max relative loss difference",
+        max(abs(got[s] / expected[s] - 1) for s in range(STOP + 1, STEPS + 1)))
   np.testing.assert_allclose([got[s] for s in range(STOP + 1, STEPS + 1)],
                              [expected[s] for s in range(STOP + 1, STEPS + 1)], rtol=1e-5)
   _assert_same_params(_params(runs / "data8"), _params(runs / "ref"))
