@@ -11,10 +11,15 @@ Atomicity and corruption (docs/robustness.md). Orbax writes step N into
 written, so a crash mid-write leaves a tmp dir that `all_steps()` ignores. A
 checkpoint can still be damaged later (truncated copy, bit rot, a deleted
 file), and flipped bytes inside raw array data pass Orbax's own checks. So
-each save also stores `state_sha256`, the SHA-256 of the state's leaves
-(`resilience.tree_digest`), in the JSON item; `restore_latest` recomputes it
-after reading and, if the newest checkpoint cannot be read or does not match,
-warns, moves it to `checkpoints_corrupt/` and falls back to the previous one.
+each save also stores checksums of the state and of the parameters
+(`resilience.state_checksum`: computed on device, where the shards live, on
+every host; no array is copied to the host for it) in the JSON item;
+`restore_latest` recomputes them after reading and, if the newest checkpoint
+cannot be read or does not match, warns, moves it to `checkpoints_corrupt/`
+and falls back to the previous one. With several processes the decision is
+taken together: a step is used only if it restored intact on every process.
+
+Paths are `etils.epath` (workdir.path), so the workdir may be gs://.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import time
 
 import jax
@@ -31,7 +35,8 @@ from absl import logging
 
 from spanlm import resilience
 
-DIGEST_KEY = "state_sha256"
+DIGEST_KEY = "state_checksum"  # resilience.state_checksum of the whole TrainState
+PARAMS_DIGEST_KEY = "params_checksum"  # ... of state.params alone (checked by NumPy restores too)
 
 
 class CheckpointError(ValueError):
@@ -55,17 +60,42 @@ def _write_errno(e: BaseException) -> int | None:
 class Checkpointer:
   """Save/restore {'state': TrainState, 'data': iterator state} under workdir/checkpoints."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
+  def __init__(self, workdir, max_to_keep: int = 3, async_save: bool = True,
                verify_digest: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    from spanlm.workdir import path
+    self.workdir = path(workdir)
+    self.directory = self.workdir / "checkpoints"
     self.verify_digest = verify_digest
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self._manager = self._open()
+    self._drop_uncommitted()
+
+  def _drop_uncommitted(self):
+    """On object storage a step is written in place and committed by a marker file, so a killed
+    writer leaves an uncommitted step folder that the next save of that step would trip over
+    (locally Orbax writes to a tmp folder and renames). Process 0 removes such folders."""
+    from spanlm.workdir import is_remote
+    if not is_remote(self.directory):
+      return
+    if jax.process_index() == 0 and self.directory.exists():
+      committed = set(self._manager.all_steps())
+      for d in self.directory.iterdir():
+        if d.name.isdigit() and int(d.name) not in committed:
+          logging.warning("removing the uncommitted (interrupted) checkpoint folder %s", d)
+          d.rmtree()
+    resilience.barrier("drop_uncommitted")
+    self._manager.reload()
 
   def _open(self):
-    return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "data"))
+    # SPANLM_CHECKPOINT_OCDBT=0 writes one zarr store per array instead of Orbax's default OCDBT
+    # database: gcp-storage-emulator (tests/test_gcs.py) answers OCDBT's second manifest write in
+    # a process with a generation TensorStore rejects ("Malformed StorageGeneration").
+    ocdbt = os.environ.get("SPANLM_CHECKPOINT_OCDBT", "1") != "0"
+    return ocp.CheckpointManager(
+        self.directory, options=self._options, item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -75,8 +105,11 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict | None = None) -> bool:
     data = dict(data_state or {})
-    if self.verify_digest and resilience.fully_addressable(state):
-      data[DIGEST_KEY] = resilience.tree_digest(state)
+    if self.verify_digest:  # on device, every process (multi-host included)
+      data[DIGEST_KEY] = resilience.state_checksum(state)
+      if hasattr(state, "params") or (isinstance(state, dict) and "params" in state):
+        data[PARAMS_DIGEST_KEY] = resilience.state_checksum(
+            state.params if hasattr(state, "params") else state["params"])
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))
     try:
       return self._manager.save(step, args=args, force=True)
@@ -97,8 +130,20 @@ class Checkpointer:
         f"could not write a checkpoint to {self.directory} (while saving step {step}): {os.strerror(code)} "
         f"({hint}). The checkpoints already written are intact.") from e
 
-  def restore(self, step: int, abstract_state):
-    """Restore into the shapes/dtypes/shardings of `abstract_state` (ShapeDtypeStructs)."""
+  def restore(self, step: int, abstract_state=None):
+    """Restore into the shapes/dtypes/shardings of `abstract_state` (ShapeDtypeStructs), or,
+    without one, as NumPy arrays in the saved tree (the parameters' checksum is verified)."""
+    if abstract_state is None:
+      state, data = read_raw(self.directory / str(step))
+      data = dict(data)
+      expected = data.pop(PARAMS_DIGEST_KEY, None)
+      data.pop(DIGEST_KEY, None)
+      if self.verify_digest and expected and "params" in state:
+        actual = resilience.state_checksum(state["params"])
+        if actual != expected:
+          raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: the checksum of "
+                                f"its parameters is {actual[:16]}..., it was saved as {expected[:16]}...")
+      return state, data
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
     try:
@@ -110,15 +155,20 @@ class Checkpointer:
           f"the original config. Cause: {e}") from e
     state, data = restored.state, dict(restored.data or {})
     expected = data.pop(DIGEST_KEY, None)
-    if self.verify_digest and expected and resilience.fully_addressable(state):
-      actual = resilience.tree_digest(state)
+    data.pop(PARAMS_DIGEST_KEY, None)
+    if self.verify_digest and expected:
+      actual = resilience.state_checksum(state)
       if actual != expected:
-        raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: the SHA-256 of "
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: the checksum of "
                               f"its state is {actual[:16]}..., it was saved as {expected[:16]}...")
     return state, data
 
-  def restore_latest(self, abstract_state):
+  def restore_latest(self, abstract_state=None):
     """(step, state, data) of the newest checkpoint that restores intact, or None if there is none.
+
+    With several processes each step is tried by all of them and used only if it
+    restored intact on every one (`resilience.all_agree`): one decision, shared.
+    Without `abstract_state`: NumPy arrays, see `restore`.
 
     An unreadable or corrupt checkpoint is logged and the previous one tried;
     once one restores, the newer broken ones are moved to
@@ -129,8 +179,12 @@ class Checkpointer:
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        restored = self.restore(step, abstract_state)
+        restored, error = self.restore(step, abstract_state), None
       except Exception as e:  # truncated/missing files surface as assorted errors from tensorstore
+        restored, error = None, e
+      if not resilience.all_agree(error is None):
+        e = error or CheckpointError(f"checkpoint step {step} in {self.directory} failed to restore on "
+                                     f"another process (see its log)")
         failures.append((step, e))
         logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous "
                         "one", step, self.directory, type(e).__name__, str(e)[:500])
@@ -139,7 +193,7 @@ class Checkpointer:
         self._quarantine(bad)
       if failures:
         logging.warning("resumed from step %d instead of %d; the unreadable checkpoints were moved "
-                        "to %s", step, failures[0][0], os.path.join(self.workdir, "checkpoints_corrupt"))
+                        "to %s", step, failures[0][0], self.workdir / "checkpoints_corrupt")
       return (step, *restored)
     if failures:
       step, e = failures[0]
@@ -151,12 +205,10 @@ class Checkpointer:
 
   def _quarantine(self, step: int) -> None:
     if jax.process_index() == 0:
-      dest = os.path.join(self.workdir, "checkpoints_corrupt", f"{step}-{int(time.time())}")
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), dest)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"spanlm_quarantine_{step}")
+      dest = self.workdir / "checkpoints_corrupt" / f"{step}-{int(time.time())}"
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      _move_tree(self.directory / str(step), dest)
+    resilience.barrier(f"quarantine_{step}")
     self._manager.reload()
 
   def wait(self):
@@ -177,17 +229,35 @@ def abstract_like(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def read_raw(step_dir: str):
-  """(state tree as numpy, data dict) of one step directory, without knowing the model.
+def _move_tree(src, dst) -> None:
+  """Move a directory (local: a rename; gs://: copy, then delete)."""
+  from spanlm.workdir import is_remote
+  if not is_remote(src):
+    os.rename(src, dst)
+    return
+  from spanlm.data.prepare import _copy_tree
+  _copy_tree(src, dst)
+  src.rmtree()
 
-  For inspection only: Orbax restores the arrays from its own metadata (shapes,
-  dtypes), so no abstract tree is needed; the tree holds plain dicts and lists.
+
+def read_raw(step_dir):
+  """(state tree as NumPy, data dict) of one step directory (local or gs://), without the model.
+
+  Orbax restores the arrays from its own metadata (shapes, dtypes) as NumPy, so
+  no abstract tree is needed and a checkpoint written on any topology (several
+  hosts, a sharded mesh) reads on one CPU; the tree holds plain dicts and lists.
   """
   import json
-  state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-  data_path = os.path.join(step_dir, "data", "metadata")  # where JsonSave puts the dict
-  data = {}
-  if os.path.exists(data_path):
-    with open(data_path) as f:
-      data = json.load(f)
+
+  import numpy as np
+
+  from spanlm.workdir import path
+  step_dir = path(step_dir)
+  item = step_dir / "state"
+  metadata = ocp.PyTreeCheckpointHandler().metadata(item)
+  tree = getattr(metadata, "tree", metadata)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  data_path = step_dir / "data" / "metadata"  # where JsonSave puts the dict
+  data = json.loads(data_path.read_text()) if data_path.exists() else {}
   return state, data

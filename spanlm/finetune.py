@@ -23,7 +23,6 @@ params (checkpoints/), and `model/`, the best encoder in the converted layout
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 import time
@@ -117,6 +116,9 @@ def load_encoder(config) -> tuple[BertConfig, Any, Any]:
                      **common, **overrides)
     logging.warning("config.init_checkpoint is empty: the encoder (%s) starts from random weights", m.size)
     return cfg, None, tok
+  from spanlm import workdir as workdir_lib
+  if workdir_lib.Workdir(path).has_checkpoints():  # a pretraining workdir, local or gs://
+    return _load_pretraining_workdir(path, config, common)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"config.init_checkpoint={path!r} is not a directory; give a converted "
                             f"checkpoint (tools/import_checkpoint.py --out=DIR) or a pretraining workdir")
@@ -133,27 +135,14 @@ def load_encoder(config) -> tuple[BertConfig, Any, Any]:
 
 
 def _load_pretraining_workdir(workdir, config, common):
-  """The latest pretraining TrainState's params['encoder'] and the run's own config and tokenizer."""
-  import orbax.checkpoint as ocp
-
-  from spanlm import train
+  """The newest intact pretraining TrainState's params['encoder'] and the run's own config and tokenizer."""
+  from spanlm import train, workdir as workdir_lib
   from spanlm.data import wordpiece
 
-  with open(os.path.join(workdir, "config.json")) as f:
-    pre = ml_collections.ConfigDict(json.load(f))
-  tok_path = config.data.tokenizer or pre.data.get("tokenizer", "")
-  if not tok_path:
-    found = sorted(glob.glob(os.path.join(workdir, "data", "*", "*.model")))
-    tok_path = found[0] if found else wordpiece.SAMPLE_TOKENIZER
-  tok = wordpiece.load_tokenizer(tok_path)
+  pre, tok_path, step, params = workdir_lib.load_pretrained(workdir)
+  tok = wordpiece.load_tokenizer(config.data.tokenizer or tok_path)
   model = train.build_model(pre, tok.vocab_size)
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-  manager.close()
-  raw = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-  params = jax.tree.map(np.asarray, raw["params"]["encoder"])
+  params = jax.tree.map(np.asarray, params["encoder"])
   cfg = BertConfig(**{**{f: getattr(model.cfg, f) for f in BertConfig.__dataclass_fields__}, **common})
   logging.info("init from pretraining workdir %s, step %d (tokenizer %s)", workdir, step, tok_path)
   return cfg, params, tok

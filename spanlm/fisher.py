@@ -24,37 +24,28 @@ def compute_for_workdir(config, workdir: str, num_examples: int = 1024, chunk: i
   import json
   import time
 
-  from spanlm import checkpoint as ckpt_lib
   from spanlm import parallel
-  from spanlm.data import pipeline, prepare
-  from spanlm.data.tokenizer import Tokenizer
+  from spanlm import workdir as workdir_lib
+  from spanlm.data import pipeline
   from spanlm.train import Trainer
 
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise FileNotFoundError(f"workdir {workdir!r} holds no checkpoints/; train task A there first "
+  wd = workdir_lib.Workdir(workdir)
+  if not wd.has_checkpoints():
+    raise FileNotFoundError(f"workdir {wd} holds no checkpoints/; train task A there first "
                             "(python -m spanlm.main --config=... --workdir=...)")
-  t = config.train
-  data_dir = prepare.ensure_prepared(config.data.corpus, workdir, t.seq_len, tokenizer=config.data.tokenizer,
-                                     vocab_size=config.data.vocab_size,
-                                     validation_fraction=config.data.validation_fraction)
-  dataset = prepare.load_prepared(data_dir)
-  tokenizer = Tokenizer.load(dataset.tokenizer_path)
+  wd.check_config(config)  # task A's config: same model and data
+  dataset, tokenizer = wd.prepare_data(config)  # the config's own packing and vocabulary
   trainer = Trainer(config, tokenizer.vocab_size, tokenizer.word_start_table(), parallel.make_mesh(config.mesh))
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  step = checkpointer.latest_step()
-  state, _ = checkpointer.restore(step, trainer.abstract_state)
-  checkpointer.close()
+  step, state, _ = wd.latest(trainer.abstract_state)  # newest intact checkpoint (digest, fallback)
   batches = pipeline.eval_batches(dataset.train, batch_size=chunk, max_batches=-(-num_examples // chunk))
   start = time.time()
   fisher, n = trainer_fisher(trainer, state.params, batches, seed=config.seed)
   seconds = time.time() - start
-  out = out or os.path.join(workdir, "ewc", "fisher.npz")
+  out = str(out or (wd.root / "ewc" / "fisher.npz"))
   save(out, fisher, state.params)
   leaves = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(fisher))])
   summary = {"checkpoint_step": int(step), "num_examples": n, "num_params": int(leaves.size),
              "fisher_mean": float(leaves.mean()), "fisher_max": float(leaves.max()),
              "fisher_median": float(np.median(leaves)), "seconds": seconds, "file": out}
-  with open(os.path.splitext(out)[0] + ".json", "w") as f:
-    json.dump(summary, f, indent=1)
+  workdir_lib.path(os.path.splitext(out)[0] + ".json").write_text(json.dumps(summary, indent=1))
   return summary

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import struct
 import time
@@ -77,9 +76,9 @@ class TensorBoardWriter:
   """Scalar summaries in TensorBoard's event-file format."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    from spanlm.workdir import open_append, path
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self._file = open(os.path.join(logdir, name), "ab")
+    self._file = open_append(path(logdir) / name, binary=True)
     self._file.write(_record(_event(0, time.time(), file_version="brain.Event:2")))
 
   def scalars(self, step: int, values: dict[str, float]):
@@ -100,9 +99,9 @@ class MetricsWriter:
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = TensorBoardWriter(os.path.join(workdir, "tensorboard"))
+      from spanlm.workdir import open_append, path
+      self._jsonl = open_append(path(workdir) / "metrics.jsonl")
+      self._tb = TensorBoardWriter(path(workdir) / "tensorboard")
 
   def write(self, step: int, values: dict):
     if not self.enabled:

@@ -113,7 +113,61 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assemble each process's rows into global arrays sharded over the batch axes."""
+def batch_rows(mesh: Mesh, global_batch_size: int) -> np.ndarray:
+  """The global row indices (ascending) that this process's devices hold of a batch.
+
+  Derived from the batch sharding itself, so it is right for any mesh: with
+  `model` (or any replicating axis) spanning processes, replica processes get
+  identical rows; with `data`/`fsdp` spanning them, disjoint ones. The data
+  pipeline loads exactly these rows (`pipeline.train_iterator(rows=...)`).
+  """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+  dp = data_parallel_size(mesh)
+  if global_batch_size % dp:
+    raise ValueError(f"a batch of {global_batch_size} rows cannot be split over the {dp} data-parallel "
+                     f"devices (mesh data x fsdp); pick a multiple of {dp}")
+  index_map = sharding.addressable_devices_indices_map((global_batch_size,))
+  rows = set()
+  for index in index_map.values():
+    rows.update(range(*index[0].indices(global_batch_size)))
+  return np.array(sorted(rows), dtype=np.int64)
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh,
+                 global_batch_size: int | None = None) -> dict[str, jax.Array]:
+  """Global arrays, sharded over the batch axes, from the rows this process holds.
+
+  `batch` holds either the rows `batch_rows(mesh, global_batch_size)` of the
+  global batch, in that order (what the training pipeline loads), or, with
+  `global_batch_size=None`, the whole global batch (on every process; each
+  process places only its own rows). The global shape is always explicit, so
+  a wrong number of rows is an error, never a silently smaller batch.
+  """
+  if not batch:
+    return {}
+  sharding = batch_sharding(mesh)
+  n = len(next(iter(batch.values())))
+  if global_batch_size is None:
+    global_batch_size, rows = n, None
+  else:
+    rows = batch_rows(mesh, global_batch_size)
+    if n != len(rows):
+      raise ValueError(f"this process holds {n} rows of the global batch of {global_batch_size}, but its "
+                       f"devices hold {len(rows)} (rows from parallel.batch_rows)")
+    if len(rows) == global_batch_size:
+      rows = None  # this process holds the whole batch (one process, or batch replicated over processes)
+
+  def local_slice(index):
+    sl = index[0]
+    if rows is None:
+      return sl
+    start, stop, _ = sl.indices(global_batch_size)
+    first = int(np.searchsorted(rows, start))
+    return slice(first, first + stop - start)
+
+  def one(v):
+    v = np.asarray(v)
+    shape = (global_batch_size,) + v.shape[1:]
+    return jax.make_array_from_callback(shape, sharding, lambda index: v[(local_slice(index),) + index[1:]])
+
+  return {k: one(v) for k, v in batch.items()}

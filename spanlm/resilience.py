@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
+import os
 import signal
 import threading
 from typing import Any
@@ -64,6 +65,98 @@ def tree_digest(tree) -> str:
   return h.hexdigest()
 
 
+def _as_uint32(x):
+  """The bits of `x` as uint32 words (narrower types widened, 64-bit ones split in two)."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * size}")).astype(jnp.uint32)
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+  raise ValueError(f"cannot checksum dtype {x.dtype}")
+
+
+def _position_weights(shape):
+  """An odd uint32 weight per element, from its flat index (computed where the shard lives)."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return index * jnp.uint32(2) + jnp.uint32(1)
+
+
+@jax.jit
+def _leaf_checksums(leaves):
+  out = []
+  for x in leaves:
+    u = _as_uint32(x)
+    w = _position_weights(u.shape)
+    # Odd weights: flipping any one bit of any element changes the first sum (mod 2^32).
+    out.append(jnp.stack([jnp.sum(u * w, dtype=jnp.uint32),
+                          jnp.sum((u ^ (u >> 13)) * (w * jnp.uint32(0x9E3779B1)), dtype=jnp.uint32)]))
+  return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def state_checksum(tree) -> str:
+  """Checksum of a tree's leaves computed on device, where the arrays live (sharded, any host).
+
+  Per leaf (sorted path order, as `tree_digest`) two position-weighted sums of the
+  leaf's 32-bit words mod 2^32; every single-bit flip changes the first one. This
+  replaces a host-side SHA-256 at save time: no array is copied to the host, every
+  process computes the same value (the sums are global reductions), and a dict
+  restored without an abstract tree gives the same checksum as the saved one.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  named = sorted(("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves)
+  sums = np.asarray(jax.device_get(_leaf_checksums([leaf for _, leaf in named])))
+  h = hashlib.sha256()
+  for (name, _), pair in zip(named, sums):
+    h.update(name.encode() + pair.astype("<u4").tobytes())
+  return h.hexdigest()
+
+
+# --- hosts that agree ----------------------------------------------------------------------
+_BARRIERS = collections.Counter()
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+  """Wait until every process gets here; after `timeout_s` raise naming the ones that did not.
+
+  A no-op in a single process. Each process first records its arrival in the
+  coordination service's key-value store, so the error can say who is missing.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  client = distributed.global_state.client
+  _BARRIERS[name] += 1
+  key = f"spanlm_barrier/{name}.{_BARRIERS[name]}"
+  client.key_value_set(f"{key}/{jax.process_index()}", "1")
+  try:
+    client.wait_at_barrier(key, timeout_in_ms=int(timeout_s * 1000))
+  except Exception as e:  # the coordination service's timeout (XlaRuntimeError / JaxRuntimeError)
+    try:
+      arrived = {int(k.rsplit("/", 1)[1]) for k, _ in client.key_value_dir_get(f"{key}/")}
+    except Exception:  # noqa: BLE001: the service itself may be gone
+      arrived = set()
+    missing = sorted(set(range(jax.process_count())) - arrived)
+    raise RuntimeError(f"processes {missing} of {jax.process_count()} did not reach '{name}' within "
+                       f"{timeout_s:.0f} s (crashed, hung or much slower); see their logs") from e
+
+
+def all_agree(ok: bool) -> bool:
+  """True on every process if `ok` is true on every process (one decision shared by all)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(bool(ok)))))
+
+
 def fully_addressable(tree) -> bool:
   """True when this process holds every element of every leaf (single host)."""
   return all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree))
@@ -80,11 +173,13 @@ class PreemptionGuard:
           save(step, state); break
 
   Multi-process (jax.distributed initialized): JAX's preemption sync point,
-  whose SIGTERM handler is installed by jax.distributed. Single process: our
-  own SIGTERM handler sets a flag (the previous handler is restored on exit).
+  whose SIGTERM handler is installed by jax.distributed; SIGINT is forwarded to
+  it as SIGTERM. Single process: our own SIGTERM/SIGINT handler sets a flag (the
+  previous handlers are restored on exit). Either way Ctrl-C behaves like a
+  preemption: the step in flight finishes, is checkpointed, and the run exits 0.
   """
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._signals = signals
     self._flag = threading.Event()
     self._previous = {}
@@ -95,10 +190,19 @@ class PreemptionGuard:
     return distributed.global_state.client is not None
 
   def __enter__(self):
-    if not self._distributed() and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
+      distributed = self._distributed()
       for sig in self._signals:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        if distributed and sig == signal.SIGTERM:
+          continue  # jax.distributed's own handler feeds the preemption sync point
+        self._previous[sig] = signal.signal(sig, self._forward if distributed else self._handle)
     return self
+
+  def _forward(self, signum, frame):
+    """Multi-process: SIGINT (Ctrl-C) becomes the SIGTERM that JAX's preemption notifier hears."""
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():

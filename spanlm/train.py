@@ -16,7 +16,6 @@ jitted step as an explicit third argument, never as HLO constants.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -212,13 +211,18 @@ class Trainer:
     return (self._sums(params, prepared, jax.random.fold_in(rng, 1), deterministic=True, frozen=frozen),
             self.objective.denominators(prepared))
 
-  def evaluate(self, params, batches, seed: int | None = None) -> dict:
-    """Held-out metrics of the objective (MLM loss/accuracy/perplexity...) with a fixed RNG."""
+  def evaluate(self, params, batches, seed: int | None = None, global_batch_size: int | None = None) -> dict:
+    """Held-out metrics of the objective (MLM loss/accuracy/perplexity...) with a fixed RNG.
+
+    `batches` are whole global batches, or with `global_batch_size` this process's rows of
+    each (`pipeline.eval_batches(rows=parallel.batch_rows(mesh, global_batch_size))`).
+    """
     key = jax.random.PRNGKey(self.config.seed if seed is None else seed)
     key = jax.random.fold_in(key, 0x5EED)  # distinct from every training step's key
     totals = None
     for i, batch in enumerate(batches):
-      sums = self.eval_step(params, parallel.global_batch(batch, self.mesh), jax.random.fold_in(key, i))
+      sums = self.eval_step(params, parallel.global_batch(batch, self.mesh, global_batch_size),
+                            jax.random.fold_in(key, i))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
       raise ValueError("no held-out batches to evaluate")
@@ -231,49 +235,31 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _local_rows(batch: dict) -> dict:
-  """This process's rows of a host-global eval batch (all rows on one process)."""
-  n, i = jax.process_count(), jax.process_index()
-  rows = len(batch["input_ids"]) // n
-  return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrain as `config` says, resuming from `workdir` if it holds a checkpoint.
 
   Returns the last logged train metrics and the last evaluation.
   """
-  from spanlm.data import pipeline, prepare  # data is only needed by the loop
-  from spanlm.data.tokenizer import Tokenizer
+  from spanlm import workdir as workdir_lib
+  from spanlm.data import pipeline  # data is only needed by the loop
 
   configs.validate(config)
-  workdir = os.path.abspath(workdir)
-  _check_workdir(workdir)
   t = config.train
-  data_dir = prepare.ensure_prepared(
-      config.data.corpus, workdir, t.seq_len, tokenizer=config.data.tokenizer,
-      vocab_size=config.data.vocab_size, validation_fraction=config.data.validation_fraction,
-      packing=config.data.packing)
-  dataset = prepare.load_prepared(data_dir)
-  tokenizer = Tokenizer.load(dataset.tokenizer_path)
-  if dataset.vocab_size != tokenizer.vocab_size:
-    raise ValueError(f"prepared dataset {data_dir} was written with a vocabulary of "
-                     f"{dataset.vocab_size}, but its tokenizer has {tokenizer.vocab_size}; re-prepare it")
+  # Checks the config against the workdir before writing anything, prepares the data, then config.json.
+  wd, dataset, tokenizer = workdir_lib.open_run(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   trainer = Trainer(config, tokenizer.vocab_size, tokenizer.word_start_table(), mesh)
   logging.info("model: %s, %.2fM parameters; mesh %s; %d train / %d held-out rows of %d tokens",
                config.model.size, trainer.num_params() / 1e6, dict(mesh.shape),
                len(dataset.train), len(dataset.validation), t.seq_len)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
+  # Each process loads exactly the rows of each global batch that its devices hold.
+  rows = parallel.batch_rows(mesh, t.batch_size)
   train_iter = pipeline.train_iterator(dataset.train, global_batch_size=t.batch_size, seed=config.seed,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
-  eval_data = [_local_rows(b) for b in pipeline.eval_batches(
-      dataset.validation, batch_size=t.batch_size, max_batches=t.eval_batches or None)]
-  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)
+                                       rows=rows)
+  eval_data = pipeline.eval_batches(dataset.validation, batch_size=t.batch_size,
+                                    max_batches=t.eval_batches or None, rows=rows)
+  checkpointer = wd.checkpointer(max_to_keep=t.keep_checkpoints)
   restored = checkpointer.restore_latest(trainer.abstract_state)  # newest intact one (falls back)
   if restored is None:
     state = trainer.init_state()
@@ -288,11 +274,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start >= last:
     logging.info("run is complete: step %d of %d already done in %s (raise "
                  "config.train.num_steps/stop_at_step or use a new --workdir to train more)",
-                 start, last, workdir)
+                 start, last, wd)
     checkpointer.close()
     return {"step": start, "complete": True}
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(wd.root)
   tokens_per_step = t.batch_size * t.seq_len
   history, last_eval, last_train = [], {}, {}
   tick, tick_step = time.time(), start
@@ -312,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for step in range(start + 1, last + 1):
       local = next(train_iter)
-      state, metrics = trainer.train_step(state, parallel.global_batch(local, mesh))
+      state, metrics = trainer.train_step(state, parallel.global_batch(local, mesh, t.batch_size))
       observe(in_flight)
       in_flight = (step, metrics)
       history.append(metrics)
@@ -336,11 +322,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      means["learning_rate"], steps_per_sec,
                      steps_per_sec * tokens_per_step,
                      _format_eta((t.num_steps - step) / max(steps_per_sec, 1e-9)))
-      if (t.eval_every and step % t.eval_every == 0) or step == last:
-        last_eval = trainer.evaluate(state.params, eval_data)
+      # Before eval: the grace period after a preemption signal is for the checkpoint.
+      preempted = guard.reached(step)
+      if ((t.eval_every and step % t.eval_every == 0) or step == last) and not preempted:
+        last_eval = trainer.evaluate(state.params, eval_data, global_batch_size=t.batch_size)
         writer.write(step, last_eval)
         logging.info("eval step %d | held-out %s", step, trainer.objective.eval_summary(last_eval))
-      preempted = guard.reached(step)
       if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last or preempted:
         checkpointer.save(step, state, {"iterator": train_iter.get_state()})
       if preempted:
@@ -354,14 +341,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   logging.info("done: step %d, checkpoint in %s", step, checkpointer.directory)
   return {"step": step, **last_train, **last_eval, **({"preempted": True} if preempted else {})}
-
-
-def _check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir") from e

@@ -311,13 +311,18 @@ def test_iterator_order_is_seeded_and_epochs_reshuffle():
   assert sum(map(ids, plain), []) == list(range(40)) + list(range(8))
 
 
-def test_process_shards_are_disjoint_and_cover_epoch():
+def test_process_rows_assemble_the_one_process_batch():
+  # Whatever rows each process loads (parallel.batch_rows), they are rows of the same global
+  # batch: process 0's rows {0,1,4,5} and process 1's {2,3,6,7} interleave back into it.
   source = synthetic_source(40)
-  shards = [sum(map(ids, take(train_iterator(source, global_batch_size=8, seed=3, process_index=p,
-                                             process_count=2), 5)), []) for p in range(2)]
-  assert all(len(s) == 20 for s in shards)
-  assert not set(shards[0]) & set(shards[1])
-  assert sorted(shards[0] + shards[1]) == list(range(40))
+  whole = take(train_iterator(source, global_batch_size=8, seed=3), 7)
+  parts = [take(train_iterator(source, global_batch_size=8, seed=3, rows=r), 7) for r in ([0, 1, 4, 5], [2, 3, 6, 7])]
+  for step, batch in enumerate(whole):
+    merged = np.empty_like(batch["input_ids"])
+    merged[[0, 1, 4, 5]], merged[[2, 3, 6, 7]] = parts[0][step]["input_ids"], parts[1][step]["input_ids"]
+    np.testing.assert_array_equal(merged, batch["input_ids"])
+  replica = take(train_iterator(source, global_batch_size=8, seed=3, rows=[2, 3, 6, 7]), 7)
+  assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(replica, parts[1]))
 
 
 def test_iterator_state_round_trips(prepared):
@@ -335,8 +340,8 @@ def test_iterator_state_round_trips(prepared):
 
 
 def test_iterator_errors():
-  with pytest.raises(ValueError, match="global_batch_size=6 is not divisible by the 4 processes"):
-    train_iterator(synthetic_source(40), global_batch_size=6, seed=0, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match="rows must be ascending indices into a global batch of 6"):
+    train_iterator(synthetic_source(40), global_batch_size=6, seed=0, rows=[4, 6])
   with pytest.raises(ValueError, match="only 5 rows, fewer than one batch of 8"):
     train_iterator(synthetic_source(5), global_batch_size=8, seed=0)
 

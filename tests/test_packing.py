@@ -160,8 +160,7 @@ def test_prepare_packed_corpus_and_train_step(tmp_path):
   assert stats["packed"]["train_pad_fraction"] < stats["document"]["train_pad_fraction"] - 0.1
   assert stats["packed"]["train_rows"] < stats["document"]["train_rows"]
   ds = prepare.load_prepared(str(tmp_path / "packed"))
-  batch = next(pipeline.train_iterator(ds.train, global_batch_size=8, seed=0, process_index=0,
-                                       process_count=1))
+  batch = next(pipeline.train_iterator(ds.train, global_batch_size=8, seed=0))
   assert set(batch) == {"input_ids", "segment_ids", "position_ids", "packing_ids"}
   with pytest.raises(ValueError, match="packing='packed' but config.data.packing='document'"):
     prepare.ensure_prepared(str(tmp_path / "packed"), str(tmp_path), 64)

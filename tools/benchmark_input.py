@@ -41,14 +41,14 @@ def measure(source, batch: int, seconds: float, workers: int, prefetch: int) -> 
   from spanlm.data import pipeline
 
   mesh = parallel.make_mesh(parallel_config(), jax.devices())
-  it = pipeline.train_iterator(source, global_batch_size=batch, seed=0, process_index=jax.process_index(),
-                               process_count=jax.process_count(), num_workers=workers, prefetch=prefetch)
+  it = pipeline.train_iterator(source, global_batch_size=batch, seed=0, rows=parallel.batch_rows(mesh, batch),
+                               num_workers=workers, prefetch=prefetch)
   first = next(it)  # worker start-up and the first read are not timed
   seq = first["input_ids"].shape[1]
-  jax.block_until_ready(parallel.global_batch(first, mesh))
+  jax.block_until_ready(parallel.global_batch(first, mesh, batch))
   n, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
-    jax.block_until_ready(parallel.global_batch(next(it), mesh))
+    jax.block_until_ready(parallel.global_batch(next(it), mesh, batch))
     n += 1
   elapsed = time.perf_counter() - start
   tokens = n * batch * seq

@@ -21,11 +21,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from spanlm import checkpoint as ckpt_lib
 from spanlm import fisher as fisher_lib
 from spanlm import parallel, train
-from spanlm.data import pipeline, prepare, sample
-from spanlm.data.tokenizer import Tokenizer
+from spanlm import workdir as workdir_lib
+from spanlm.data import pipeline, sample
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "bert.py") + ":tiny"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment file[:preset] of both tasks.",
@@ -50,15 +49,13 @@ def _corpora():
 def heldout_loss(config, workdir, corpus, data_workdir):
   """Held-out MLM loss of `workdir`'s latest checkpoint on `corpus`'s validation split."""
   t = config.train
-  data_dir = prepare.ensure_prepared(corpus, data_workdir, t.seq_len, tokenizer=config.data.tokenizer,
-                                     validation_fraction=config.data.validation_fraction)
-  dataset = prepare.load_prepared(data_dir)
-  tokenizer = Tokenizer.load(dataset.tokenizer_path)
+  eval_config = config.copy_and_resolve_references()
+  eval_config.data.corpus = corpus
+  # The config's own packing and vocabulary, prepared under data_workdir; restore via the Checkpointer.
+  dataset, tokenizer = workdir_lib.Workdir(data_workdir).prepare_data(eval_config)
   trainer = train.Trainer(config, tokenizer.vocab_size, tokenizer.word_start_table(),
                           parallel.make_mesh(config.mesh))
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  state, _ = checkpointer.restore(checkpointer.latest_step(), trainer.abstract_state)
-  checkpointer.close()
+  _, state, _ = workdir_lib.Workdir(workdir).latest(trainer.abstract_state)
   batches = pipeline.eval_batches(dataset.validation, batch_size=t.batch_size)
   return trainer.evaluate(state.params, batches)["eval/mlm_loss"], len(dataset.validation)
 

@@ -22,28 +22,35 @@ import numpy as np
 
 def inspect(workdir: str, step: int | None = None) -> dict:
   from spanlm import checkpoint, resilience
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  from spanlm.workdir import Workdir
+  wd = Workdir(workdir)  # local or gs://
+  steps = []
+  if wd.has_checkpoints():
+    c = wd.checkpointer(async_save=False)
+    steps = c.all_steps()
+    c.close()
   if not steps:
-    raise ValueError(f"no checkpoints in {directory}; is --workdir the directory given to spanlm.main?")
+    raise ValueError(f"no checkpoints in {wd.checkpoints_dir}; is --workdir the directory given to spanlm.main?")
   chosen = steps[-1] if step is None else step
   if chosen not in steps:
-    raise ValueError(f"no checkpoint of step {chosen} in {directory}; available: {steps}")
-  state, data = checkpoint.read_raw(os.path.join(directory, str(chosen)))
+    raise ValueError(f"no checkpoint of step {chosen} in {wd.checkpoints_dir}; available: {steps}")
+  state, data = checkpoint.read_raw(wd.checkpoints_dir / str(chosen))
   stored = data.pop(checkpoint.DIGEST_KEY, None)
+  params_stored = data.pop(checkpoint.PARAMS_DIGEST_KEY, None)
+  params_checksum = resilience.state_checksum(state["params"])
   out = {
-      "workdir": os.path.abspath(workdir), "steps": steps, "step": chosen,
+      "workdir": str(wd.root), "steps": steps, "step": chosen,
       "state_step": int(np.asarray(state["step"])) if "step" in state else None,
       "num_params": int(sum(np.size(x) for x in _leaves(state["params"]))),
       "params_sha256": resilience.tree_digest(state["params"]),
-      # Only a structured restore (as the trainer does) reproduces the saved tree's exact leaf set.
-      "state_sha256_stored": stored,
+      # Checksums stored at save time (resilience.state_checksum, computed on device).
+      "state_checksum_stored": stored,
+      "params_checksum_ok": None if params_stored is None else params_stored == params_checksum,
       "data": data,
   }
-  config_path = os.path.join(workdir, "config.json")
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      out["config"] = json.load(f)
+  config = wd.read_config()
+  if config is not None:
+    out["config"] = config.to_dict()
   return out
 
 

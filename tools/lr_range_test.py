@@ -40,18 +40,16 @@ _SCHEDULE = flags.DEFINE_enum("schedule", "triangular", ["triangular", "triangul
 
 def main(argv):
   del argv
-  from spanlm.data import pipeline, prepare
-  from spanlm.data.tokenizer import Tokenizer
+  from spanlm import workdir as workdir_lib
+  from spanlm.data import pipeline
 
-  config, out = _CONFIG.value, os.path.abspath(_OUT.value)
-  os.makedirs(out, exist_ok=True)
+  config = _CONFIG.value
   t = config.train
   lrs = lr_range.exponential_lrs(_MIN_LR.value, _MAX_LR.value, t.num_steps)
-  data_dir = prepare.ensure_prepared(config.data.corpus, out, t.seq_len, tokenizer=config.data.tokenizer,
-                                     vocab_size=config.data.vocab_size,
-                                     validation_fraction=config.data.validation_fraction)
-  dataset = prepare.load_prepared(data_dir)
-  tokenizer = Tokenizer.load(dataset.tokenizer_path)
+  wd = workdir_lib.Workdir(_OUT.value)
+  wd.check_writable()
+  dataset, tokenizer = wd.prepare_data(config)  # the config's own packing and vocabulary
+  out = str(wd.root)
   mesh = parallel.make_mesh(config.mesh)
   trainer = Trainer(config, tokenizer.vocab_size, tokenizer.word_start_table(), mesh,
                     optimizer=lr_range.ramp_optimizer(config, lrs))
@@ -68,8 +66,7 @@ def main(argv):
   result["overrides"] = lr_range.schedule_overrides(result, _SCHEDULE.value)
   result["config"] = {"model": config.model.size, "optimizer": config.optimizer.name,
                       "batch_size": t.batch_size, "seq_len": t.seq_len}
-  with open(os.path.join(out, "lr_range.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  (wd.root / "lr_range.json").write_text(json.dumps(result, indent=1))
   lr_range.plot(result, os.path.join(out, "lr_range.png"),
                 title=f"LR range test: BERT-{config.model.size}, {config.optimizer.name}, "
                       f"batch {t.batch_size}x{t.seq_len}")

@@ -7,31 +7,50 @@ makes `get_state`/`set_state` exact and cheap.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import grain
-import jax
 import numpy as np
 
 
-def train_iterator(source, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                   process_count: int | None = None, shuffle: bool = True,
-                   num_workers: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
-  """Endless iterator of this process's share of each global batch.
+class _Rows(grain.MapDataset):
+  """Rows `rows` of each consecutive block of `batch` elements of `parent`, in order."""
 
-  Global example i of the (shuffled, repeated) stream goes to process
-  i % process_count, so processes read disjoint rows and together cover each
-  epoch. Yields `{'input_ids': int32 [local_batch, seq_len], 'segment_ids': ...}`
-  with local_batch = global_batch_size // process_count. Save and restore the
-  position with `it.get_state()` (a JSON-serialisable dict) / `it.set_state()`.
+  def __init__(self, parent: grain.MapDataset, batch: int, rows: np.ndarray):
+    super().__init__(parent)
+    self._batch, self._rows = batch, np.asarray(rows, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._batch * len(self._rows)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, k = divmod(index, len(self._rows))
+    return self._parent[step * self._batch + int(self._rows[k])]
+
+  def __str__(self) -> str:
+    return f"_Rows(batch={self._batch}, {len(self._rows)} rows)"
+
+
+def train_iterator(source, *, global_batch_size: int, seed: int, rows=None, shuffle: bool = True,
+                   num_workers: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
+  """Endless iterator over this process's rows of each global batch.
+
+  The global batch of step s is elements [s*B, (s+1)*B) of the shuffled,
+  repeated stream (B = global_batch_size): a pure function of (seed, s, B),
+  whatever the number of processes, devices or the mesh. `rows` are the
+  indices within the global batch this process loads, ascending
+  (`parallel.batch_rows(mesh, B)`; None = all B, a single process); pass the
+  batches to `parallel.global_batch(batch, mesh, B)`. Yields
+  `{'input_ids': int32 [len(rows), seq_len], 'segment_ids': ...}`. The
+  iterator state (`it.get_state()`, JSON) counts steps, so a run resumed on
+  another mesh or number of processes continues with the same batches.
   `num_workers` > 0 reads and batches in that many processes, `prefetch`
   batches ahead each (tools/benchmark_input.py measures whether it is needed).
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
-                     f"{process_count} processes; pick a multiple of {process_count}.")
+  rows = np.arange(global_batch_size) if rows is None else np.asarray(rows, np.int64)
+  if len(rows) == 0 or rows.min() < 0 or rows.max() >= global_batch_size or np.any(np.diff(rows) <= 0):
+    raise ValueError(f"rows must be ascending indices into a global batch of {global_batch_size}, got "
+                     f"{rows.tolist()[:8]}...")
   if len(source) < global_batch_size:
     raise ValueError(
         f"The split has only {len(source)} rows, fewer than one batch of {global_batch_size}; lower the "
@@ -39,27 +58,31 @@ def train_iterator(source, *, global_batch_size: int, seed: int, process_index: 
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(None)[process_index::process_count]
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
+  ds = _Rows(ds.repeat(None), global_batch_size, rows)
+  ds = ds.batch(len(rows), drop_remainder=True).to_iter_dataset()
   if num_workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=prefetch))
   return iter(ds)
 
 
-def eval_batches(source, *, batch_size: int, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+def eval_batches(source, *, batch_size: int, max_batches: int | None = None,
+                 rows=None) -> list[dict[str, np.ndarray]]:
   """The split in order, as batches; the last one is filled up with all-[PAD] rows.
 
   Padding rows are all zeros ([PAD] = 0 everywhere), so they contain no
   maskable tokens and do not change masked-LM metrics; nothing is dropped.
+  `rows` (ascending indices within a batch, `parallel.batch_rows`) loads only
+  this process's rows of each batch; None = all of them.
   """
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
   num_batches = -(-len(source) // batch_size)
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
   batches = []
   for b in range(num_batches):
-    rows = [source[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(source)))]
-    batch: dict[str, Any] = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    missing = batch_size - len(rows)
-    batches.append({k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()})
+    loaded = [source[b * batch_size + int(r)] if b * batch_size + r < len(source) else None for r in rows]
+    template = source[0]
+    batches.append({k: np.stack([x[k] if x is not None else np.zeros_like(template[k]) for x in loaded])
+                    for k in template})
   return batches

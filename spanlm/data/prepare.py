@@ -231,18 +231,76 @@ def _file_sha256(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _read_meta(path: str) -> dict[str, Any] | None:
+def _read_meta(path) -> dict[str, Any] | None:
+  from spanlm import workdir as workdir_lib
   try:
-    with open(os.path.join(path, META_FILE)) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
+    return json.loads((workdir_lib.path(path) / META_FILE).read_text())
+  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
     return None
 
 
-def is_prepared(path: str) -> bool:
-  """Whether `path` holds a complete prepared dataset (the meta file is written last)."""
+def is_prepared(path) -> bool:
+  """Whether `path` (local or gs://) holds a complete prepared dataset (the meta file is written last)."""
+  from spanlm import workdir as workdir_lib
   meta = _read_meta(path)
-  return bool(meta) and os.path.isfile(os.path.join(path, meta.get("tfds_dir", ""), "dataset_info.json"))
+  return bool(meta) and (workdir_lib.path(path) / meta.get("tfds_dir", "") / "dataset_info.json").exists()
+
+
+def _cache_root():
+  return os.environ.get("SPANLM_DATA_CACHE", os.path.join(tempfile.gettempdir(), "spanlm_data_cache"))
+
+
+def _copy_tree(src, dst, last: str | None = None) -> None:
+  """Copy a directory tree between any two epath locations; the file named `last` goes last."""
+  dst.mkdir(parents=True, exist_ok=True)
+  deferred = None
+  for child in src.iterdir():
+    if child.is_dir():
+      _copy_tree(child, dst / child.name)
+    elif child.name == last:
+      deferred = child
+    else:
+      child.copy(dst / child.name, overwrite=True)
+  if deferred is not None:
+    deferred.copy(dst / deferred.name, overwrite=True)
+
+
+def local_copy(data_dir) -> str:
+  """A local directory holding the prepared dataset `data_dir`: itself if local, else a per-host
+  cache copy (array_record reads local files only), fetched once and reused."""
+  from spanlm import workdir as workdir_lib
+  if not workdir_lib.is_remote(data_dir):
+    return str(data_dir)
+  name = os.path.basename(str(data_dir).rstrip("/")) + "-" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
+  local = os.path.join(_cache_root(), name)
+  if not is_prepared(local):
+    logging.info("copying prepared dataset %s to the local cache %s", data_dir, local)
+    shutil.rmtree(local, ignore_errors=True)
+    tmp = local + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+      _copy_tree(workdir_lib.path(data_dir), workdir_lib.path(tmp), last=META_FILE)
+    except Exception as e:  # noqa: BLE001
+      raise workdir_lib.access_error(data_dir, e) from e
+    os.replace(tmp, local) if not os.path.exists(local) else shutil.rmtree(tmp)
+  return local
+
+
+def local_file(p) -> str:
+  """A local path for the file `p` (a gs:// file is fetched into the cache once)."""
+  from spanlm import workdir as workdir_lib
+  if not workdir_lib.is_remote(p):
+    return str(p)
+  local = os.path.join(_cache_root(), "files", hashlib.sha256(str(p).encode()).hexdigest()[:12],
+                       os.path.basename(str(p)))
+  if not os.path.exists(local):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    try:
+      workdir_lib.path(p).copy(workdir_lib.path(local + ".tmp"), overwrite=True)
+    except Exception as e:  # noqa: BLE001
+      raise workdir_lib.access_error(p, e) from e
+    os.replace(local + ".tmp", local)
+  return local
 
 
 def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: int,
@@ -377,7 +435,7 @@ def _file_key(path: str) -> list:
   return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = "",
+def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
                     vocab_size: int = 8000, validation_fraction: float = 0.01,
                     packing: str = "document") -> str:
   """Returns a prepared dataset directory for `corpus`, preparing it if needed.
@@ -389,8 +447,11 @@ def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = ""
   and no `tokenizer`, a `vocab_size` SentencePiece model is trained on it.
 
   With several JAX processes, process 0 prepares and the others wait at a
-  barrier; `workdir` must be on a filesystem all processes share.
+  barrier; `workdir` must be on a filesystem all processes share, or gs://
+  (then process 0 prepares locally and uploads; `local_copy` fetches it per host).
   """
+  from spanlm import resilience
+  from spanlm import workdir as workdir_lib
   if corpus and is_prepared(corpus):
     meta = _read_meta(corpus)
     if meta.get("packing", "document") != packing:
@@ -403,17 +464,21 @@ def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = ""
           f"Prepared dataset {corpus!r} has seq_len={meta['seq_len']} but seq_len={seq_len} was "
           f"requested. Re-prepare it with tools/prepare_corpus.py --seq_len={seq_len}, or pass the raw "
           f"text glob instead.")
-    if tokenizer and _file_sha256(tokenizer) != meta["params"]["tokenizer_sha256"]:
+    if tokenizer and _file_sha256(local_file(tokenizer)) != meta["params"]["tokenizer_sha256"]:
       raise ValueError(
           f"Tokenizer {tokenizer!r} differs from the one {corpus!r} was prepared with "
           f"({meta['tokenizer']}); leave the tokenizer unset to use the dataset's own.")
     return corpus
+  if corpus and workdir_lib.is_remote(corpus):
+    raise FileNotFoundError(f"{corpus!r} is not a prepared spanlm dataset ({META_FILE} missing); raw text "
+                            f"must be local (or a gcsfuse mount): prepare it with tools/prepare_corpus.py "
+                            f"and give the prepared folder, which may be on gs://")
   if corpus and os.path.isdir(corpus):
     raise FileNotFoundError(
         f"{corpus!r} is a directory but not a prepared spanlm dataset ({META_FILE} or its TFDS files are "
         f"missing). Pass a glob of raw text such as '{os.path.join(corpus, '*.txt')}', or prepare it with tools/prepare_corpus.py.")
   files = corpus_lib.resolve_files(corpus) if corpus else sample.corpus_files()
-  tokenizer = tokenizer or ("" if corpus else sample.tokenizer_path())
+  tokenizer = local_file(tokenizer) if tokenizer else ("" if corpus else sample.tokenizer_path())
   if tokenizer and not os.path.isfile(tokenizer):
     raise FileNotFoundError(
         f"Tokenizer {tokenizer!r} does not exist. Leave it unset to train one on the corpus, or create "
@@ -421,20 +486,27 @@ def ensure_prepared(corpus: str, workdir: str, seq_len: int, tokenizer: str = ""
   tokenizer_key = _file_key(tokenizer) if tokenizer else ["train", vocab_size]
   key = _fingerprint([_file_key(f) for f in files], tokenizer_key, seq_len, validation_fraction,
                      *([packing] if packing != "document" else []))
-  out_dir = os.path.join(workdir, "data", key)
-  if is_prepared(out_dir):
-    logging.info("Reusing prepared dataset %s", out_dir)
-    return out_dir
+  out = workdir_lib.path(workdir) / "data" / key
+  if is_prepared(out):
+    logging.info("Reusing prepared dataset %s", out)
+    return str(out)
   if jax.process_index() == 0:
-    shutil.rmtree(out_dir, ignore_errors=True)  # Ours by construction: a partial earlier attempt.
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(out_dir)) as tmp:
+    remote = workdir_lib.is_remote(out)
+    local_out = os.path.join(_cache_root(), f"{key}-prepare") if remote else str(out)
+    shutil.rmtree(local_out, ignore_errors=True)  # Ours by construction: a partial earlier attempt.
+    os.makedirs(os.path.dirname(local_out), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(local_out)) as tmp:
       if not tokenizer:
         tokenizer = train_sentencepiece(files, os.path.join(tmp, f"sp{vocab_size}"), vocab_size)
-      prepare_corpus(files, tokenizer, out_dir, seq_len, validation_fraction, packing=packing)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"spanlm_prepare_{key}")
-  if not is_prepared(out_dir):
-    raise FileNotFoundError(f"{out_dir} was not prepared by process 0; is workdir on a shared filesystem?")
-  return out_dir
+      prepare_corpus(files, tokenizer, local_out, seq_len, validation_fraction, packing=packing)
+    if remote:
+      if out.exists():
+        out.rmtree()
+      _copy_tree(workdir_lib.path(local_out), out, last=META_FILE)
+      shutil.rmtree(local_out, ignore_errors=True)
+  # Preparing a large corpus takes long: the others wait up to a day, then name who is missing.
+  resilience.barrier(f"prepare_{key}", timeout_s=24 * 3600)
+  if not is_prepared(out):
+    raise FileNotFoundError(f"{out} was not prepared by process 0; is the workdir on a filesystem all "
+                            f"processes share (or gs://)?")
+  return str(out)

@@ -38,8 +38,6 @@ nor a teacher with shared layers (ALBERT: no per-layer outputs to match).
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 
 import flax.linen as nn
@@ -99,29 +97,15 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
 
 
 # --- teacher -------------------------------------------------------------------------------------
-def _teacher_tokenizer(workdir: str, tconfig) -> str:
-  found = sorted(glob.glob(os.path.join(workdir, "data", "*", "*.model")))
-  if found:
-    return found[0]
-  return tconfig.data.get("tokenizer", "") or SAMPLE_TOKENIZER
-
-
 def load_teacher(workdir: str):
-  """(teacher ConfigDict, tokenizer path, raw params as numpy) of a pretraining workdir's latest step."""
-  from spanlm import checkpoint as ckpt_lib
+  """(teacher ConfigDict, tokenizer path, raw params as numpy) of a pretraining workdir's newest intact step."""
+  from spanlm import workdir as workdir_lib
 
-  cfg_path = os.path.join(workdir, "config.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isfile(cfg_path) or not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"teacher workdir {workdir!r} has no config.json or checkpoints/; give the "
-                            "--workdir of a finished spanlm pretraining run")
-  with open(cfg_path) as f:
-    tconfig = ml_collections.ConfigDict(json.load(f))
-  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-  if not steps:
-    raise FileNotFoundError(f"teacher workdir {workdir!r}: checkpoints/ holds no checkpoint")
-  state, _ = ckpt_lib.read_raw(os.path.join(ckpt_dir, str(steps[-1])))
-  return tconfig, _teacher_tokenizer(workdir, tconfig), state["params"]
+  try:
+    tconfig, tokenizer, _, params = workdir_lib.load_pretrained(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"teacher workdir {workdir!r}: {e}") from None
+  return tconfig, tokenizer, params
 
 
 def check_vocabulary(teacher_tokenizer: str, student_vocab_size: int, student_word_starts) -> None:

@@ -70,18 +70,30 @@ def _flat(tree, prefix):
 
 def save(path: str, fisher, theta_star) -> None:
   """Write the Fisher diagonal and theta*_A (nested param dicts) to one .npz."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **_flat(fisher, "fisher"), **_flat(theta_star, "theta"))
-  os.replace(tmp, path)  # readers never see a half-written file
+  import io
+
+  from spanlm.workdir import is_remote, path as as_path
+  buffer = io.BytesIO()
+  np.savez(buffer, **_flat(fisher, "fisher"), **_flat(theta_star, "theta"))
+  target = as_path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(target):
+    target.write_bytes(buffer.getvalue())  # an object appears whole
+  else:
+    tmp = target.with_name(target.name + ".tmp.npz")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, target)  # readers never see a half-written file
 
 
 def load(path: str) -> tuple[dict, dict]:
   """(fisher, theta_star) as nested dicts, from a file written by `save`."""
-  if not os.path.isfile(path):
+  import io
+
+  from spanlm.workdir import path as as_path
+  if not as_path(path).is_file():
     raise FileNotFoundError(f"EWC Fisher file {path!r} not found; create it with "
                             "tools/compute_fisher.py --config=... --workdir=TASK_A_WORKDIR")
-  with np.load(path) as z:
+  with np.load(io.BytesIO(as_path(path).read_bytes())) as z:
     parts = {"fisher": {}, "theta": {}}
     for name in z.files:
       kind, _, key = name.partition("/")
