@@ -24,11 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from spanlm.optim.bert_adam import scale_by_adam_without_bias_correction
 from spanlm.optim.common import LearningRateState, decay_mask, scale_by_learning_rate
 from spanlm.optim.hypergradient import (HypergradientState, HyperparamHypergradientState, adam_hd,
                                         hypergradient_descent, sgd_hd)
 from spanlm.optim.lamb import TrustRatioState, lamb, scale_by_trust_ratio
 from spanlm.optim.lars import lars, scale_by_lars
+from spanlm.optim.layer_decay import scale_by_layer_decay
 from spanlm.optim.schedules import ALIASES, SCHEDULES, make_schedule
 
 OPTIMIZERS = ("adamw", "adam", "lamb", "lars", "sgd", "sgd_hd", "adam_hd")
@@ -38,16 +40,21 @@ DEFAULT_HYPER_LR = {"sgd_hd": 1e-3, "adam_hd": 1e-7}
 GROUP_KEYS = ("pattern", "label")  # group keys that are not config.optimizer overrides
 
 
+def _adam_moments(opt) -> optax.GradientTransformation:
+  if opt.get("bias_correction", True):
+    return optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  return scale_by_adam_without_bias_correction(b1=opt.b1, b2=opt.b2, eps=opt.eps)  # BERT's
+
+
 def _single(opt, schedule) -> optax.GradientTransformation:
   """One optimizer from a config.optimizer-like ConfigDict (no clipping, no groups)."""
   name = opt.name
   if name == "adamw":  # optax.adamw's chain
-    return optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+    return optax.chain(_adam_moments(opt),
                        optax.add_decayed_weights(opt.weight_decay, decay_mask),
                        scale_by_learning_rate(schedule))
   if name == "adam":
-    return optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
-                       scale_by_learning_rate(schedule))
+    return optax.chain(_adam_moments(opt), scale_by_learning_rate(schedule))
   if name == "sgd":
     return optax.chain(optax.trace(decay=opt.momentum) if opt.momentum else optax.identity(),
                        scale_by_learning_rate(schedule))
@@ -100,11 +107,13 @@ def group_label(group, i: int) -> str:
   return str(group.get("label") or f"group{i}")
 
 
-def make_optimizer(config, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config, num_steps: int, num_layers: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`config.optimizer` + `config.schedule` -> (transformation, default group's schedule).
 
   Gradients are clipped to global norm `config.optimizer.grad_clip` (1.0 in BERT)
-  before the update; `adamw` is BERT's Adam with decoupled weight decay.
+  before the update; `adamw` is BERT's Adam with decoupled weight decay. Fine-tuning
+  configs may set `optimizer.layer_decay` (needs `num_layers`; optim/layer_decay.py) and
+  `optimizer.bias_correction=False` (BERT's Adam; optim/bert_adam.py).
   """
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
@@ -122,6 +131,14 @@ def make_optimizer(config, num_steps: int) -> tuple[optax.GradientTransformation
       transforms[group_label(group, i)] = _single(
           sub, make_schedule(config.schedule, float(sub.learning_rate), num_steps))
     tx = optax.multi_transform(transforms, lambda params: group_labels(groups, params))
+  if opt.get("layer_decay", 1.0) != 1.0:  # fine-tuning: lr * d^(L+2-depth) (optim/layer_decay.py)
+    if any(g.get("name", opt.name) in HYPERGRADIENT for g in (opt, *groups)):
+      raise ValueError(f"invalid config: config.optimizer.layer_decay needs a fixed-rate optimizer, "
+                       f"not {opt.name!r} (it adapts its own rate)")
+    if not num_layers:
+      raise ValueError("config.optimizer.layer_decay needs the encoder's number of layers "
+                       "(make_optimizer(config, num_steps, num_layers=...))")
+    tx = optax.chain(tx, scale_by_layer_decay(num_layers, float(opt.layer_decay)))
   if opt.grad_clip and opt.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
   return tx, schedule

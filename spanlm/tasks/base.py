@@ -23,8 +23,15 @@ checkpoints) is shared. A task:
       (numpy, N rows, padding removed) into predictions, and
       `evaluate(predictions, features)` computes the task's official metrics
       ({name: float}; `metric` names the one that picks the best epoch);
-  (e) `write_predictions(predictions, features, path_prefix)` writes the
-      files a leaderboard or evaluation script expects.
+  (e) `write_predictions(predictions, features, path_prefix, best)` writes the
+      files a leaderboard or evaluation script expects for the best params, `best`
+      being the dev metrics of the evaluation they come from (SQuAD v2.0 applies
+      the null threshold tuned there); `predict_splits()` names the splits
+      predicted (default: config.task.predict_split) and `prediction_dir(split)`
+      where their files go under the workdir.
+  `length_keys` names the arrays whose second axis is the sequence: a task whose
+  outputs have no sequence axis (GLUE) may list them, and the loop then pads each
+  batch only to the shortest of a few lengths that holds it (config.finetune.length_buckets).
   `optimizer(config, num_steps)` may return an optax transformation to replace
   the default (e.g. BERTSUM's separate schedules for the encoder and the new
   layers via `optax.multi_transform`); None means `spanlm.optim.make_optimizer`.
@@ -79,6 +86,7 @@ class Task:
   metric: str = "accuracy"  # key of `evaluate`'s dict that selects the best epoch
   higher_is_better: bool = True
   splits: tuple[str, ...] = ("train", "dev", "test")  # names `load` understands
+  length_keys: tuple[str, ...] = ()  # arrays [N, L] a batch may be cut to a shorter L (see (e))
 
   def __init__(self, config):
     self.config = config
@@ -102,9 +110,19 @@ class Task:
   def evaluate(self, predictions, features: Features) -> dict[str, float]:
     raise NotImplementedError(f"{type(self).__name__}.evaluate")
 
-  def write_predictions(self, predictions, features: Features, path_prefix: str) -> list[str]:
+  def write_predictions(self, predictions, features: Features, path_prefix: str,
+                        best: dict | None = None) -> list[str]:
     """Write prediction file(s); returns their paths. Default: none."""
     return []
+
+  def predict_splits(self) -> tuple[str, ...]:
+    """Splits whose predictions the loop writes with the best params."""
+    split = self.config.task.get("predict_split", "")
+    return (split,) if split else ()
+
+  def prediction_dir(self, split: str) -> str:
+    """Where `split`'s predictions go, relative to the workdir (a prefix or a directory)."""
+    return f"predictions_{split}"
 
   def optimizer(self, config, num_steps: int):
     """An optax GradientTransformation to use instead of make_optimizer, or None."""

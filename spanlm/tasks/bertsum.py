@@ -399,7 +399,7 @@ class BertSumTask(Task):
       out[prefix + "rouge_mean"] = float(np.mean([out[prefix + k] for k in ("rouge_1", "rouge_2", "rouge_l")]))
     return out
 
-  def write_predictions(self, predictions, features, path_prefix: str) -> list[str]:
+  def write_predictions(self, predictions, features, path_prefix: str, best=None) -> list[str]:
     path = f"{path_prefix}_summaries.jsonl"
     with open(path, "w") as f:
       for p, m in zip(predictions, features.meta):

@@ -460,7 +460,6 @@ class SquadTask(Task):
     self.split_by_article = bool(_cfg(config, "split_by_article", False))
     self.eval_fraction = float(_cfg(config, "eval_fraction", 0.2))
     self.max_eval_examples = int(_cfg(config, "max_eval_examples", 0))
-    self.threshold = None  # v2.0 null-odds threshold, tuned on dev by `evaluate`
 
   def _file(self, split):
     data = self.config.data
@@ -516,19 +515,21 @@ class SquadTask(Task):
     odds = {q: d["null_odds"] for q, d in predictions.items()}
     result = squad_metrics.evaluate(dataset, {q: d["text"] for q, d in predictions.items()},
                                     na_probs=odds, na_threshold=0.0, v2=True)
-    # The threshold is tuned on this split (as BERT does on dev); say so in the metric names.
-    self.threshold = float(result["best_f1_thresh"])
-    tuned = squad_metrics.evaluate(dataset, answers_at_threshold(predictions, self.threshold), v2=True)
-    out = {"exact_match": tuned["exact_match"], "f1": tuned["f1"], "null_threshold": self.threshold,
+    # The threshold is tuned on this split (as BERT does on dev) and belongs to this evaluation:
+    # it is returned with its metrics, and write_predictions takes it from the best one.
+    threshold = float(result["best_f1_thresh"])
+    tuned = squad_metrics.evaluate(dataset, answers_at_threshold(predictions, threshold), v2=True)
+    out = {"exact_match": tuned["exact_match"], "f1": tuned["f1"], "null_threshold": threshold,
            "exact_match_at_0": result["exact_match"], "f1_at_0": result["f1"]}
     out.update({k: float(v) for k, v in tuned.items() if k.startswith(("HasAns", "NoAns"))})
     return out
 
-  def write_predictions(self, predictions, features, path_prefix: str) -> list[str]:
-    """PREFIX.json {qid: answer} (v2.0: "" above the tuned threshold, 0 if none was tuned),
+  def write_predictions(self, predictions, features, path_prefix: str, best: dict | None = None) -> list[str]:
+    """PREFIX.json {qid: answer} (v2.0: "" where the null odds exceed `best['null_threshold']`, the
+    threshold tuned in the evaluation the params come from; 0 if there was none),
     PREFIX_nbest.json, PREFIX_gold.json (the SQuAD-format questions predicted, for
     tools/squad_eval.py) and, for v2.0, PREFIX_null_odds.json."""
-    threshold = (self.threshold if self.threshold is not None else 0.0) if self.v2 else None
+    threshold = float((best or {}).get("null_threshold", 0.0)) if self.v2 else None
     dataset = features.meta["dataset"]
     if len(predictions) < len(features.meta["examples"]):
       dataset = _restrict(dataset, set(predictions))
