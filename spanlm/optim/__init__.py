@@ -107,7 +107,8 @@ def group_label(group, i: int) -> str:
   return str(group.get("label") or f"group{i}")
 
 
-def make_optimizer(config, num_steps: int, num_layers: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config, num_steps: int, num_layers: int = 0, schedule=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`config.optimizer` + `config.schedule` -> (transformation, default group's schedule).
 
   Gradients are clipped to global norm `config.optimizer.grad_clip` (1.0 in BERT)
@@ -118,7 +119,13 @@ def make_optimizer(config, num_steps: int, num_layers: int = 0) -> tuple[optax.G
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     raise ValueError(f"unknown config.optimizer.name={opt.name!r}; choose one of {OPTIMIZERS}")
-  schedule = make_schedule(config.schedule, float(opt.learning_rate), num_steps)
+  # `schedule` (a function of the step) replaces config.schedule, e.g. the LR range test's ramp;
+  # groups then follow it scaled by their learning_rate / optimizer.learning_rate.
+  base_rate = float(opt.learning_rate)
+  given = schedule
+  schedule = given or make_schedule(config.schedule, base_rate, num_steps)
+  group_schedule = (lambda rate: (lambda step: given(step) * (rate / base_rate))) if given else \
+      (lambda rate: make_schedule(config.schedule, rate, num_steps))
   groups = tuple(opt.get("groups", ()) or ())
   if not groups:
     tx = _single(opt, schedule)
@@ -128,8 +135,7 @@ def make_optimizer(config, num_steps: int, num_layers: int = 0) -> tuple[optax.G
       sub = ml_collections.ConfigDict(opt.to_dict())
       sub.groups = ()
       sub.update({k: v for k, v in group.items() if k not in GROUP_KEYS})
-      transforms[group_label(group, i)] = _single(
-          sub, make_schedule(config.schedule, float(sub.learning_rate), num_steps))
+      transforms[group_label(group, i)] = _single(sub, group_schedule(float(sub.learning_rate)))
     tx = optax.multi_transform(transforms, lambda params: group_labels(groups, params))
   if opt.get("layer_decay", 1.0) != 1.0:  # fine-tuning: lr * d^(L+2-depth) (optim/layer_decay.py)
     if any(g.get("name", opt.name) in HYPERGRADIENT for g in (opt, *groups)):
