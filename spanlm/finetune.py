@@ -54,7 +54,7 @@ from spanlm.models.bert import BertConfig, config_for
 from spanlm.optim import make_optimizer
 from spanlm.optim.layer_decay import describe as describe_layer_decay
 from spanlm.optim.layer_decay import scale_by_layer_decay
-from spanlm.tasks.base import Features, Task
+from spanlm.tasks.base import Features, Progress, Task, format_duration
 from spanlm.train import TrainState, state_layout
 
 # Fields that may differ between invocations of one run: they change neither the
@@ -62,8 +62,9 @@ from spanlm.train import TrainState, state_layout
 RESUMABLE_CHANGES = ("train.stop_at_step", "train.log_every", "finetune.eval_batch_size")
 
 
-def finetune_config() -> ml_collections.ConfigDict:
-  """base_config() plus the task, init checkpoint and epoch settings (BERT's fine-tuning defaults)."""
+def finetune_config(task: str = "") -> ml_collections.ConfigDict:
+  """base_config() plus the task, init checkpoint and epoch settings (BERT's fine-tuning defaults),
+  and, given a task name, that task's own group (e.g. config.squad, declared in tasks/squad.py)."""
   c = configs.base_config()
   with c.unlocked():
     c.task = ml_collections.ConfigDict()
@@ -93,6 +94,10 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.keep_checkpoints = 1
   c.schedule.name = "linear"
+  if task:
+    from spanlm import tasks
+    c.task.name = task
+    tasks.extend_config(c, task)
   return c
 
 
@@ -120,6 +125,8 @@ def validate(config) -> None:
   d = config.optimizer.get("layer_decay", 1.0)
   if not 0.0 < d <= 1.0:
     fail(f"config.optimizer.layer_decay={d} must be in (0, 1] (1 = off; ELECTRA uses 0.8 for Base)")
+  from spanlm import tasks
+  tasks.validate_config(config)
 
 
 # --- the encoder to start from -------------------------------------------------------------------
@@ -377,35 +384,6 @@ def _cap(features: Features, limit: int) -> Features:
   return Features({k: v[:limit] for k, v in features.arrays.items()}, meta, report)
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-  """'NAME: 3200/9815 rows | 85.2 rows/s | ETA 0:01:17', logged at most every `every` seconds."""
-
-  def __init__(self, name: str, total: int, unit: str = "rows", every: float = 10.0):
-    self.name, self.total, self.unit, self.every = name, total, unit, every
-    self.start = self.last = time.time()
-    self.count = 0
-
-  def update(self, count: int) -> None:
-    self.count = count
-    now = time.time()
-    if now - self.last >= self.every and count < self.total:
-      self.last = now
-      rate = count / max(now - self.start, 1e-9)
-      logging.info("%s %d/%d %s | %.1f %s/s | ETA %s", self.name, count, self.total, self.unit, rate,
-                   self.unit, _format_duration((self.total - count) / max(rate, 1e-9)))
-
-  def done(self) -> None:
-    elapsed = time.time() - self.start
-    if elapsed >= self.every:  # quick passes stay quiet
-      logging.info("%s %d %s in %s (%.1f %s/s)", self.name, self.count, self.unit, _format_duration(elapsed),
-                   self.count / max(elapsed, 1e-9), self.unit)
-
-
 # --- the run directory ---------------------------------------------------------------------------
 def _flat(tree, prefix="") -> dict:
   out = {}
@@ -520,10 +498,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = tuner.init_state(config.seed, pretrained)
   del pretrained
-  eval_data = None
+  eval_data = cal_data = None
   if config.task.eval_split:
     eval_data = _cap(task.load(config.task.eval_split, tokenizer, seq_len), config.task.max_eval_examples)
     eval_data.log_report(f"{task.name}/{config.task.eval_split}")
+    if task.calibration_split():
+      cal_data = task.load(task.calibration_split(), tokenizer, seq_len)
+      cal_data.log_report(f"{task.name}/{task.calibration_split()}")
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info("task %s: %.2fM parameters, %d train rows, %d steps (%d per epoch, batch %d x %d tokens%s%s), "
                "mesh %s", task.name, n_params / 1e6, len(train_data), num_steps, steps_per_epoch, b,
@@ -562,10 +543,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             "learning_rate": means["learning_rate"], "epoch": step / steps_per_epoch})
         logging.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.2f steps/s | ETA %s", step,
                      num_steps, step / steps_per_epoch, means["loss"], means["learning_rate"], rate,
-                     _format_duration((num_steps - step) / max(rate, 1e-9)))
+                     format_duration((num_steps - step) / max(rate, 1e-9)))
       evaluated = False
       if eval_data is not None and (pos + 1 in eval_points or step == num_steps):
-        result = evaluate(tuner, state.params, eval_data, name=f"{task.name}/{config.task.eval_split}")
+        result = evaluate(tuner, state.params, eval_data, name=f"{task.name}/{config.task.eval_split}",
+                          calibration=cal_data)
         evaluated = True
         writer.write(step, {f"eval/{k}": v for k, v in result.items()})
         logging.info("eval step %d (epoch %.2f) | %s", step, step / steps_per_epoch,
@@ -611,10 +593,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return out
 
 
-def evaluate(tuner: Finetuner, params, features: Features, name: str = "") -> dict[str, float]:
-  outputs = tuner.outputs(params, features, name=name)
-  predictions = tuner.task.predict(outputs, features)
-  return {k: float(v) for k, v in tuner.task.evaluate(predictions, features).items()}
+def evaluate(tuner: Finetuner, params, features: Features, name: str = "",
+             calibration: Features | None = None) -> dict[str, float]:
+  """The task's metrics of `params` on `features` (with `calibration`, the task's calibration split,
+  predicted too and handed to `task.evaluate`)."""
+  task = tuner.task
+  predictions = task.predict(tuner.outputs(params, features, name=name), features)
+  cal = None
+  if calibration is not None:
+    cal = (task.predict(tuner.outputs(params, calibration, name=f"{name} calibration"), calibration),
+           calibration)
+  return {k: float(v) for k, v in task.evaluate(predictions, features, cal).items()}
 
 
 def _predict(tuner, task, params, tokenizer, seq_len, workdir, split, best) -> list[str]:

@@ -45,6 +45,7 @@ SentencePiece behind one interface): special ids are read from the tokenizer
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -107,8 +108,14 @@ class Task:
   def predict(self, outputs: dict[str, np.ndarray], features: Features):
     raise NotImplementedError(f"{type(self).__name__}.predict")
 
-  def evaluate(self, predictions, features: Features) -> dict[str, float]:
+  def evaluate(self, predictions, features: Features, calibration=None) -> dict[str, float]:
+    """`calibration`: (predictions, features) of `calibration_split()`, when the task has one."""
     raise NotImplementedError(f"{type(self).__name__}.evaluate")
+
+  def calibration_split(self) -> str | None:
+    """A split the loop predicts with every evaluation and hands to `evaluate` (e.g. held-out
+    training questions that tune SQuAD v2.0's null threshold), or None."""
+    return None
 
   def write_predictions(self, predictions, features: Features, path_prefix: str,
                         best: dict | None = None) -> list[str]:
@@ -127,6 +134,35 @@ class Task:
   def optimizer(self, config, num_steps: int):
     """An optax GradientTransformation to use instead of make_optimizer, or None."""
     return None
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """'NAME: 3200/9815 rows | 85.2 rows/s | ETA 0:01:17', logged at most every `every` seconds."""
+
+  def __init__(self, name: str, total: int, unit: str = "rows", every: float = 10.0):
+    self.name, self.total, self.unit, self.every = name, total, unit, every
+    self.start = self.last = time.time()
+    self.count = 0
+
+  def update(self, count: int) -> None:
+    self.count = count
+    now = time.time()
+    if now - self.last >= self.every and count < self.total:
+      self.last = now
+      rate = count / max(now - self.start, 1e-9)
+      logging.info("%s %d/%d %s | %.1f %s/s | ETA %s", self.name, count, self.total, self.unit, rate,
+                   self.unit, format_duration((self.total - count) / max(rate, 1e-9)))
+
+  def done(self) -> None:
+    elapsed = time.time() - self.start
+    if elapsed >= self.every:  # quick passes stay quiet
+      logging.info("%s %d %s in %s (%.1f %s/s)", self.name, self.count, self.unit, format_duration(elapsed),
+                   self.count / max(elapsed, 1e-9), self.unit)
 
 
 def masked_sum(values, batch):

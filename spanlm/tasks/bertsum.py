@@ -383,7 +383,7 @@ class BertSumTask(Task):
       preds.append({"selected": chosen, "summary": " ".join(" ".join(m["sentences"][i]) for i in chosen)})
     return preds
 
-  def evaluate(self, predictions, features) -> dict[str, float]:
+  def evaluate(self, predictions, features, calibration=None) -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 (×100) of the model, and of the oracle and lead-3 for reference."""
     k = int(self.hp["select_sentences"])
     systems = collections.defaultdict(list)

@@ -305,7 +305,7 @@ class GlueTask(Task):
     logits = outputs["logits"]
     return logits[:, 0] if self.spec.regression else np.argmax(logits, axis=-1)
 
-  def evaluate(self, predictions, features):
+  def evaluate(self, predictions, features, calibration=None):
     return glue_metrics(self.spec, predictions, features.arrays["labels"])
 
   def write_predictions(self, predictions, features, path_prefix, best=None):
