@@ -249,3 +249,15 @@ def test_parameter_groups_work_in_finetuning(tuners, sst):
   after = jax.device_get(state.params)
   jax.tree.map(np.testing.assert_array_equal, after["encoder"]["embeddings"], before["encoder"]["embeddings"])
   assert not np.array_equal(after["classifier"]["kernel"], before["classifier"]["kernel"])
+
+
+def test_import_checkpoint_out_that_is_a_file_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  out = tmp_path / "file"
+  out.write_text("x")
+  tool = os.path.join(os.path.dirname(__file__), "..", "tools", "import_checkpoint.py")
+  proc = subprocess.run([sys.executable, tool, f"--src={tmp_path}", f"--out={out}"], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert f"error: --out={out} is a file, not a directory" in proc.stderr
