@@ -261,3 +261,23 @@ def test_import_checkpoint_out_that_is_a_file_is_one_line(tmp_path):
                         text=True, timeout=120)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert f"error: --out={out} is a file, not a directory" in proc.stderr
+
+
+def test_head_mask_reaches_the_finetuned_encoder(sst):
+  c = _config(sst)
+  c.model.head_mask = "0:1"
+  cfg, _, _ = finetune.load_encoder(c)
+  assert cfg.head_mask == ("0:1",)  # fine-tuning passes config.model.head_mask to the encoder
+
+
+@pytest.mark.slow
+def test_ablate_heads_reads_a_finished_run(full_run, tmp_path):
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+  import ablate_heads
+
+  _, workdir = full_run
+  for mode in ("zero", "uniform"):
+    assert ablate_heads.main([f"--workdir={workdir}", f"--mode={mode}", f"--out={tmp_path}"]) == 0
+    result = json.load(open(tmp_path / f"ablation_{mode}.json"))
+    assert result["mode"] == mode and np.asarray(result["scores"]).shape == (1, 2)
