@@ -8,9 +8,7 @@ import signal
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from spanlm import finetune, parallel
