@@ -153,6 +153,7 @@ def tuners(sst):
   return make
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_large_batch(tuners):
   big, feats = tuners(1)
   acc, _ = tuners(4)
