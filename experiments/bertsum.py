@@ -15,8 +15,6 @@ optax.multi_transform; `separate_optimizers=False` uses config.optimizer).
   --config=experiments/bertsum.py:smoke the 6-article sample, train = eval (a smoke run, not a result)
 """
 
-import ml_collections
-
 from spanlm.configs import with_preset
 from spanlm.finetune import finetune_config
 
@@ -33,25 +31,8 @@ def smoke(c):
 
 
 def get_config(arg=None):
-  c = finetune_config()
-  c.task.name = "bertsum"
+  c = finetune_config("bertsum")  # config.bertsum and data.train_file/eval_file: spanlm/tasks/bertsum.py
   c.task.predict_split = "dev"
-  with c.unlocked():
-    c.data.train_file = ""  # BertSum JSON (list of {src, tgt}) file or glob; raw {article, highlights} too
-    c.data.eval_file = ""  # the same for evaluation
-    c.bertsum = ml_collections.ConfigDict()
-    c.bertsum.inter_layers = 2  # inter-sentence Transformer layers over the [CLS] vectors
-    c.bertsum.max_sentences = 64  # sentence slots per document (longer documents truncated, counted)
-    c.bertsum.max_sentence_tokens = 200  # sub-tokens kept per sentence
-    c.bertsum.min_sentence_words = 5  # shorter sentences (bylines, datelines) dropped, counted (BertSum)
-    c.bertsum.oracle_sentences = 3  # greedy ROUGE oracle size (labels)
-    c.bertsum.select_sentences = 3  # sentences in a predicted summary
-    c.bertsum.trigram_blocking = True  # skip sentences repeating a trigram of the summary so far
-    c.bertsum.separate_optimizers = True  # encoder and new layers: separate Adams + Noam schedules
-    c.bertsum.encoder_lr = 2e-3  # Noam scale for the encoder
-    c.bertsum.encoder_warmup = 20000  # Noam warmup steps for the encoder
-    c.bertsum.new_lr = 0.1  # Noam scale for the inter-sentence layers and scorer
-    c.bertsum.new_warmup = 10000  # Noam warmup steps for the new layers
   c.train.seq_len = 512
   c.train.batch_size = 32  # documents per step (the paper's code batches by tokens instead)
   c.finetune.max_steps = 50000

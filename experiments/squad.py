@@ -15,8 +15,6 @@ threshold. AdamW with 10% linear warmup then linear decay (spanlm.finetune).
   --config=experiments/squad.py:cpu     v1_dev_split sized for a 2-core CPU (seq 256, capped steps/eval)
 """
 
-import ml_collections
-
 from spanlm.configs import with_preset
 from spanlm.finetune import finetune_config
 
@@ -56,21 +54,8 @@ def cpu(c):
 
 
 def get_config(arg=None):
-  c = finetune_config()
-  c.task.name = "squad"
+  c = finetune_config("squad")  # config.squad and data.train_file/eval_file: spanlm/tasks/squad.py
   c.task.predict_split = "dev"  # writes predictions.json / nbest.json (and null_odds.json for v2.0)
-  with c.unlocked():
-    c.data.train_file = ""  # SQuAD train JSON (or the one file split by article)
-    c.data.eval_file = ""  # SQuAD dev JSON scored by the official rules
-    c.squad = ml_collections.ConfigDict()
-    c.squad.version = "1.1"  # 1.1 | 2.0 (null answers, threshold tuned on dev)
-    c.squad.doc_stride = 128  # tokens between the starts of consecutive context windows
-    c.squad.max_query_len = 64  # question tokens kept (longer questions are truncated, counted)
-    c.squad.max_answer_length = 30  # longest answer span in tokens
-    c.squad.n_best = 20  # candidate spans kept per window and per question
-    c.squad.split_by_article = False  # train/eval from one file split 80/20 by article title
-    c.squad.eval_fraction = 0.2  # share of articles held out when split_by_article
-    c.squad.max_eval_examples = 0  # cap on evaluated questions, first N (0 = all); for CPU runs
   c.train.seq_len = 384
   c.train.batch_size = 32
   c.optimizer.learning_rate = 5e-5

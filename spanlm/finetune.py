@@ -13,11 +13,20 @@ This module is that loop, generic over a `spanlm.tasks.base.Task`:
 `config.init_checkpoint` is a converted checkpoint (`tools/import_checkpoint.py`,
 a directory holding `spanlm_model.json`), a spanlm pretraining workdir (its
 latest TrainState's `params.encoder`), or '' (random init from `config.model`,
-for tests). Outputs in the workdir: metrics.jsonl (train loss every
-`log_every` steps, dev metrics every epoch), results.json, predictions of the
-best epoch on `config.task.predict_split`, an orbax checkpoint of the best
-params (checkpoints/), and `model/`, the best encoder in the converted layout
+for tests). Outputs in the workdir: config.json, metrics.jsonl (train loss every
+`log_every` steps, dev metrics at every evaluation), checkpoints/ (the
+TrainState, the best params so far and the best dev metrics), and, once the
+run is complete, results.json, the best params' predictions on
+`task.predict_splits()` and `model/`, the best encoder in the converted layout
 (usable by tools/embed.py and `tools/import_checkpoint.py --to=hf`).
+
+A run never starts over and never destroys work. Rerunning the same command
+continues from the checkpoint (same batches, same dropout: the epoch's row order
+is a function of (seed, epoch) and step t's key is fold_in(rng, t)), or, when
+results.json says the run is complete, says so and returns without training. A
+config that differs from the workdir's config.json (other than
+`RESUMABLE_CHANGES`) is refused before anything is written. SIGTERM and SIGINT
+(Ctrl-C) finish the step in flight, write a checkpoint and return.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -35,18 +45,25 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
 
 from spanlm import checkpoint as ckpt_lib
-from spanlm import configs, parallel
+from spanlm import configs, parallel, resilience
 from spanlm.metrics import MetricsWriter
 from spanlm.models.bert import BertConfig, config_for
 from spanlm.optim import make_optimizer
-from spanlm.tasks.base import Features, Task
+from spanlm.optim.layer_decay import describe as describe_layer_decay
+from spanlm.optim.layer_decay import scale_by_layer_decay
+from spanlm.tasks.base import Features, Progress, Task, format_duration
+from spanlm.train import TrainState, state_layout
+
+# Fields that may differ between invocations of one run: they change neither the
+# trained parameters nor the schedule.
+RESUMABLE_CHANGES = ("train.stop_at_step", "train.log_every", "finetune.eval_batch_size")
 
 
-def finetune_config() -> ml_collections.ConfigDict:
-  """base_config() plus the task, init checkpoint and epoch settings (BERT's fine-tuning defaults)."""
+def finetune_config(task: str = "") -> ml_collections.ConfigDict:
+  """base_config() plus the task, init checkpoint and epoch settings (BERT's fine-tuning defaults),
+  and, given a task name, that task's own group (e.g. config.squad, declared in tasks/squad.py)."""
   c = configs.base_config()
   with c.unlocked():
     c.task = ml_collections.ConfigDict()
@@ -63,6 +80,10 @@ def finetune_config() -> ml_collections.ConfigDict:
     c.finetune.warmup_fraction = 0.1  # warmup steps = fraction * total steps (<0: use schedule.warmup_steps)
     c.finetune.eval_batch_size = 64  # rows per evaluation batch
     c.finetune.evals_per_epoch = 1  # dev evaluations per epoch (the best one is kept)
+    c.finetune.length_buckets = 4  # pad each batch to the shortest of seq_len, seq_len/2, /4, ... (this
+    #                                many lengths, >= 16) that holds its longest row (1 = always seq_len)
+    c.optimizer.layer_decay = 1.0  # layer-wise LR decay d (ELECTRA): lr * d^(L+2-depth), 1 = off
+    c.optimizer.bias_correction = True  # adam/adamw: False = BERT's Adam (no bias correction)
   c.model.dropout_rate = 0.1
   c.optimizer.learning_rate = 2e-5
   c.optimizer.weight_decay = 0.01
@@ -72,6 +93,10 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.keep_checkpoints = 1
   c.schedule.name = "linear"
+  if task:
+    from spanlm import tasks
+    c.task.name = task
+    tasks.extend_config(c, task)
   return c
 
 
@@ -86,16 +111,21 @@ def validate(config) -> None:
     fail("config.finetune.num_epochs and max_steps are both 0; set one of them")
   if f.eval_batch_size <= 0 or f.evals_per_epoch <= 0:
     fail("config.finetune.eval_batch_size and evals_per_epoch must be positive")
+  if not isinstance(f.get("length_buckets", 1), int) or f.get("length_buckets", 1) < 1:
+    fail(f"config.finetune.length_buckets={f.get('length_buckets')!r} must be a positive integer")
   if config.train.seq_len > config.model.max_position_embeddings:
     fail(f"config.train.seq_len={config.train.seq_len} exceeds max_position_embeddings="
          f"{config.model.max_position_embeddings}")
-
-
-class FinetuneState(struct.PyTreeNode):
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
+  t = config.train
+  if not isinstance(t.grad_accum_steps, int) or t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+    fail(f"config.train.batch_size={t.batch_size} must be divisible by grad_accum_steps={t.grad_accum_steps}")
+  if not isinstance(t.stop_at_step, int) or t.stop_at_step < 0:
+    fail(f"config.train.stop_at_step={t.stop_at_step!r} must be a non-negative integer")
+  d = config.optimizer.get("layer_decay", 1.0)
+  if not 0.0 < d <= 1.0:
+    fail(f"config.optimizer.layer_decay={d} must be in (0, 1] (1 = off; ELECTRA uses 0.8 for Base)")
+  from spanlm import tasks
+  tasks.validate_config(config)
 
 
 # --- the encoder to start from -------------------------------------------------------------------
@@ -171,8 +201,19 @@ def merge_encoder(params, pretrained, prefix="encoder"):
 
 
 # --- the compiled pieces -------------------------------------------------------------------------
+def bucket_lengths(seq_len: int, n: int) -> list[int]:
+  """The padded lengths a batch may take: seq_len, seq_len/2, ... (n of them, rounded up to 8, >= 16)."""
+  out = {seq_len}
+  for k in range(1, n):
+    out.add(max(16, -(-(seq_len >> k) // 8) * 8))
+  return sorted(x for x in out if x <= seq_len)
+
+
 class Finetuner:
-  """Compiled train/eval steps for `task` over an encoder; usable from a notebook or test."""
+  """Compiled train/eval steps for `task` over an encoder; usable from a notebook or test.
+
+  The state is `spanlm.train.TrainState`, laid out by `train.state_layout`, as in pretraining.
+  """
 
   def __init__(self, config, task: Task, encoder_cfg: BertConfig, example: dict[str, np.ndarray],
                num_steps: int, mesh=None):
@@ -183,43 +224,44 @@ class Finetuner:
     cfg = copy.deepcopy(config)
     if config.finetune.warmup_fraction >= 0:
       cfg.schedule.warmup_steps = int(round(config.finetune.warmup_fraction * num_steps))
-    self.tx, self.schedule = make_optimizer(cfg, num_steps)
+    self.tx, self.schedule = make_optimizer(cfg, num_steps, num_layers=encoder_cfg.num_layers)
     custom = task.optimizer(cfg, num_steps)
+    decay = float(config.optimizer.get("layer_decay", 1.0))
     if custom is not None:
-      self.tx = custom
+      self.tx = custom if decay == 1.0 else optax.chain(custom, scale_by_layer_decay(encoder_cfg.num_layers, decay))
       # The logged learning rate: the task's own schedule when it has one (BERTSUM: the encoder's).
       self.schedule = getattr(task, "schedule", None) or self.schedule
+    self.accum = int(config.train.get("grad_accum_steps", 1) or 1)
     self.dp = parallel.data_parallel_size(self.mesh)
-    for name, size in (("train.batch_size", config.train.batch_size),
+    for name, size in (("train.batch_size / train.grad_accum_steps", config.train.batch_size // self.accum),
                        ("finetune.eval_batch_size", config.finetune.eval_batch_size)):
       if size % self.dp:
         raise ValueError(f"config.{name}={size} is not divisible by the {self.dp} data-parallel devices")
     dummy = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in example.items()}
     dummy["example_mask"] = jnp.ones((1,), jnp.float32)
     self._dummy = dummy
-    boxed = jax.eval_shape(self._init, jax.random.PRNGKey(0))
-    param_sh = parallel.logical_shardings(boxed, self.mesh)
-    abstract_params = nn.meta.unbox(boxed)
-    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    rep = parallel.replicated(self.mesh)
-    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, param_sh,
-                                   transform_non_params=lambda _: rep,
-                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    self.param_shardings = param_sh
-    self.state_shardings = FinetuneState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+    self.state_shardings, self.abstract_state = state_layout(self._init, self.tx, self.mesh)
+    self.param_shardings = self.state_shardings.params
+    if decay != 1.0:
+      logging.info("layer-wise LR decay %g: %s", decay,
+                   describe_layer_decay(self.abstract_state.params, encoder_cfg.num_layers, decay))
+    seq_len = int(config.train.seq_len)
+    n_buckets = int(config.finetune.get("length_buckets", 1))
+    self.buckets = bucket_lengths(seq_len, n_buckets) if task.length_keys else [seq_len]
     bs = parallel.batch_sharding(self.mesh)
+    rep = parallel.replicated(self.mesh)
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, bs),
                               out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    self.eval_step = jax.jit(self._eval_step, in_shardings=(param_sh, bs), out_shardings=bs)
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, bs), out_shardings=bs)
 
   def _init(self, rng):
     return self.model.init({"params": rng, "dropout": rng}, self._dummy, deterministic=True)["params"]
 
-  def init_state(self, seed: int, pretrained=None) -> FinetuneState:
+  def init_state(self, seed: int, pretrained=None) -> TrainState:
     def init(key):
       init_key, loop_key = jax.random.split(key)
       params = nn.meta.unbox(self._init(init_key))
-      return FinetuneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=loop_key)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=loop_key)
 
     state = jax.jit(init, out_shardings=self.state_shardings.replace(opt_state=None))(jax.random.PRNGKey(seed))
     params = state.params
@@ -228,35 +270,81 @@ class Finetuner:
     opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
     return state.replace(params=params, opt_state=opt_state)
 
+  def fit(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch cut to the shortest bucket length that holds its longest row (task.length_keys)."""
+    if len(self.buckets) == 1:
+      return batch
+    longest = int(batch["attention_mask"].sum(axis=1).max())
+    length = next(b for b in self.buckets if b >= longest)
+    if length == self.buckets[-1]:
+      return batch
+    return {k: (v[:, :length] if k in self.task.length_keys else v) for k, v in batch.items()}
+
   def _train_step(self, state, batch):
     rng = jax.random.fold_in(state.rng, state.step)
 
-    def loss_fn(params):
-      out = self.model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
-      total, count = self.task.loss(out, batch)
-      return total / jnp.maximum(count, 1.0), count
+    def total_fn(params, mb, key):
+      out = self.model.apply({"params": params}, mb, deterministic=False, rngs={"dropout": key})
+      total, count = self.task.loss(out, mb)
+      return total, (total, count)
 
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.grad(total_fn, has_aux=True)
+    if self.accum == 1:
+      grads, (total, count) = grad_fn(state.params, batch, rng)
+    else:
+      # The task's loss is a sum over examples and a count, so summing the micro-batches'
+      # gradients of the sum and dividing once by the global count is the large-batch
+      # gradient. Micro-batch j takes rows j, j+A, ...: each device keeps its own rows.
+      a = self.accum
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, inputs):
+        i, mb = inputs
+        g, aux = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, aux)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng))
+      (grads, (total, count)), _ = jax.lax.scan(body, zeros, (jnp.arange(a), micro))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=self.schedule(state.step))
+    metrics = dict(loss=total / denom, grad_norm=optax.global_norm(grads),
+                   learning_rate=self.schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def _eval_step(self, params, batch):
     return self.model.apply({"params": params}, batch, deterministic=True)
 
-  def outputs(self, params, features: Features) -> dict[str, np.ndarray]:
-    """Model outputs for every row of `features` (numpy, padding rows removed)."""
+  def outputs(self, params, features: Features, name: str = "") -> dict[str, np.ndarray]:
+    """Model outputs for every row of `features` (numpy, padding rows removed).
+
+    With length buckets, rows are run in order of length (so each batch is padded to
+    its own bucket) and put back in their order. A progress line (rows/s, ETA) is logged
+    every ~10 s when `name` is given.
+    """
     b = self.config.finetune.eval_batch_size
     n = len(features)
+    order = np.arange(n)
+    if len(self.buckets) > 1 and "attention_mask" in features.arrays:
+      order = np.argsort(-features.arrays["attention_mask"].sum(axis=1), kind="stable")
+    progress = Progress(f"{name}: predicting", n, "rows") if name else None
     chunks = []
     for start in range(0, n, b):
-      batch = _rows(features.arrays, np.arange(start, min(start + b, n)), b)
+      batch = self.fit(_rows(features.arrays, order[start:min(start + b, n)], b))
       out = self.eval_step(params, parallel.global_batch(batch, self.mesh))
       chunks.append(jax.tree.map(np.asarray, _gather(out)))
+      if progress:
+        progress.update(min(start + b, n))
+    if progress:
+      progress.done()
     if not chunks:
       return {}
-    return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *chunks)
+    ordered = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *chunks)
+    inverse = np.empty(n, np.int64)
+    inverse[order] = np.arange(n)
+    return jax.tree.map(lambda x: x[inverse], ordered)
 
 
 def _rows(arrays, idx, size):
@@ -285,17 +373,87 @@ def _cap(features: Features, limit: int) -> Features:
   return Features({k: v[:limit] for k, v in features.arrays.items()}, meta, report)
 
 
+# --- the run directory ---------------------------------------------------------------------------
+def _flat(tree, prefix="") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+  """'key: old -> new' for every field that differs, except RESUMABLE_CHANGES."""
+  a, b = _flat(old), _flat(new)
+  return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+
+
+def check_workdir(config, workdir: str) -> str:
+  """The absolute workdir, after refusing a file and a workdir of a different run (nothing is written)."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; give a directory (it is created "
+                     f"if missing)")
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path} cannot be read ({e}); use a new --workdir") from None
+    changes = config_changes(old, json.loads(config.to_json_best_effort()))
+    if changes:
+      shown = "; ".join(changes[:8]) + (f"; ... ({len(changes)} fields)" if len(changes) > 8 else "")
+      raise ValueError(f"--workdir={workdir} holds a run with a different config ({shown}). Rerun with "
+                       f"the same config to continue it, or use a new --workdir; nothing was changed")
+  elif os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"--workdir={workdir} has checkpoints/ but no config.json, so it is not a fine-tuning "
+                     f"run this command can continue; use a new --workdir")
+  return workdir
+
+
+def _trim_metrics(workdir: str, step: int) -> None:
+  """Drop metrics.jsonl rows written after `step` (the checkpoint a run resumes from)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except json.JSONDecodeError:  # a line cut by a crash
+      continue
+  if len(keep) != len(lines):
+    logging.info("metrics.jsonl: dropped %d rows written after step %d", len(lines) - len(keep), step)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
 # --- the loop ------------------------------------------------------------------------------------
+def _order(seed: int, epoch: int, n: int, batch: int) -> np.ndarray:
+  """The row order of `epoch`: a function of (seed, epoch) only, so a resumed run sees the same batches."""
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  return np.resize(order, batch) if n < batch else order  # fewer rows than a batch: repeat them
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Fine-tune and evaluate as `config` says; returns the best dev metrics."""
+  """Fine-tune and evaluate as `config` says (resuming from `workdir`); returns the results."""
   from spanlm.tasks import get_task
 
   validate(config)
   if jax.process_count() > 1:
     raise NotImplementedError("fine-tuning runs on one process (any number of local devices); "
                               "multi-host fine-tuning is not implemented")
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = check_workdir(config, workdir)
+  results_path = os.path.join(workdir, "results.json")
   task = get_task(config.task.name, config)
   encoder_cfg, pretrained, tokenizer = load_encoder(config)
   seq_len = config.train.seq_len
@@ -303,10 +461,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_data.log_report(f"{task.name}/train")
   if len(train_data) == 0:
     raise ValueError(f"task {task.name}: no usable training rows in {config.task.data_dir!r} (see the log)")
-  eval_data = None
-  if config.task.eval_split:
-    eval_data = _cap(task.load(config.task.eval_split, tokenizer, seq_len), config.task.max_eval_examples)
-    eval_data.log_report(f"{task.name}/{config.task.eval_split}")
   b = config.train.batch_size
   steps_per_epoch = max(len(train_data) // b, 1)
   num_steps = steps_per_epoch * max(config.finetune.num_epochs, 1)
@@ -314,80 +468,136 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_steps = min(num_steps, config.finetune.max_steps) if config.finetune.num_epochs > 0 \
         else config.finetune.max_steps
   tuner = Finetuner(config, task, encoder_cfg, train_data.arrays, num_steps)
-  state = tuner.init_state(config.seed, pretrained)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=1, async_save=False)
+  restored = checkpointer.restore_latest({"train": tuner.abstract_state, "best": tuner.abstract_state.params})
+  start, best, best_step, best_params = 0, None, 0, None
+  if restored is not None:
+    start, tree, meta = restored
+    state, best_params = tree["train"], tree["best"]
+    best, best_step = meta.get("best"), int(meta.get("best_step", 0))
+    if start >= num_steps and os.path.exists(results_path):
+      checkpointer.close()
+      with open(results_path) as f:
+        out = json.load(f)
+      logging.info("run is complete: %d of %d steps done in %s, results in %s (use a new --workdir to "
+                   "train again)", start, num_steps, workdir, results_path)
+      return {**out, "complete": True}
+    logging.info("resumed from %s at step %d of %d", checkpointer.directory, start, num_steps)
+  else:
+    state = tuner.init_state(config.seed, pretrained)
+  del pretrained
+  eval_data = cal_data = None
+  if config.task.eval_split:
+    eval_data = _cap(task.load(config.task.eval_split, tokenizer, seq_len), config.task.max_eval_examples)
+    eval_data.log_report(f"{task.name}/{config.task.eval_split}")
+    if task.calibration_split():
+      cal_data = task.load(task.calibration_split(), tokenizer, seq_len)
+      cal_data.log_report(f"{task.name}/{task.calibration_split()}")
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  logging.info("task %s: %.2fM parameters, %d train rows, %d steps (%d per epoch, batch %d x %d tokens), "
+  logging.info("task %s: %.2fM parameters, %d train rows, %d steps (%d per epoch, batch %d x %d tokens%s%s), "
                "mesh %s", task.name, n_params / 1e6, len(train_data), num_steps, steps_per_epoch, b,
-               seq_len, dict(tuner.mesh.shape))
+               seq_len, f", {tuner.accum} micro-batches" if tuner.accum > 1 else "",
+               f", length buckets {tuner.buckets}" if len(tuner.buckets) > 1 else "", dict(tuner.mesh.shape))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
+  _trim_metrics(workdir, start)
 
+  t = config.train
+  last = min(t.stop_at_step, num_steps) if t.stop_at_step else num_steps
   writer = MetricsWriter(workdir)
-  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=1, async_save=False)
   eval_points = {int(round(steps_per_epoch * (i + 1) / config.finetune.evals_per_epoch))
                  for i in range(config.finetune.evals_per_epoch)}
-  best, best_step, best_params, history = None, 0, None, []
-  rng = np.random.default_rng(config.seed)
-  tick, step, order = time.time(), 0, np.zeros(0, np.int64)
+  history, tick, tick_step, step, preempted = [], time.time(), start, start, False
+
+  def save(step):
+    tree = {"train": state, "best": best_params if best_params is not None else state.params}
+    checkpointer.save(step, tree, {"step": step, "best": best, "best_step": best_step})
+
+  guard = resilience.PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)).__enter__()
   try:
-    while step < num_steps:
-      pos = step % steps_per_epoch
-      if pos == 0:
-        order = rng.permutation(len(train_data))
-        if len(order) < b:  # fewer rows than a batch: repeat them
-          order = np.resize(order, b)
-      batch = _rows(train_data.arrays, order[pos * b:(pos + 1) * b], b)
+    for step in range(start + 1, last + 1):
+      epoch, pos = divmod(step - 1, steps_per_epoch)
+      order = _order(config.seed, epoch, len(train_data), b)
+      batch = tuner.fit(_rows(train_data.arrays, order[pos * b:(pos + 1) * b], b))
       state, metrics = tuner.train_step(state, parallel.global_batch(batch, tuner.mesh))
-      step += 1
       history.append(metrics)
-      if step % config.train.log_every == 0 or step == num_steps:
+      if step % t.log_every == 0 or step == num_steps:
         means = {k: float(np.mean(v)) for k, v in jax.device_get(
             jax.tree.map(lambda *xs: jnp.stack(xs), *history)).items()}
         history = []
-        rate = config.train.log_every / max(time.time() - tick, 1e-9)
-        tick = time.time()
+        rate = (step - tick_step) / max(time.time() - tick, 1e-9)
+        tick, tick_step = time.time(), step
         writer.write(step, {"train/loss": means["loss"], "train/grad_norm": means["grad_norm"],
                             "learning_rate": means["learning_rate"], "epoch": step / steps_per_epoch})
-        logging.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.2f steps/s", step, num_steps,
-                     step / steps_per_epoch, means["loss"], means["learning_rate"], rate)
-      if eval_data is not None and ((step - 1) % steps_per_epoch + 1 in eval_points or step == num_steps):
-        result = evaluate(tuner, state.params, eval_data)
+        logging.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.2f steps/s | ETA %s", step,
+                     num_steps, step / steps_per_epoch, means["loss"], means["learning_rate"], rate,
+                     format_duration((num_steps - step) / max(rate, 1e-9)))
+      evaluated = False
+      if eval_data is not None and (pos + 1 in eval_points or step == num_steps):
+        result = evaluate(tuner, state.params, eval_data, name=f"{task.name}/{config.task.eval_split}",
+                          calibration=cal_data)
+        evaluated = True
         writer.write(step, {f"eval/{k}": v for k, v in result.items()})
         logging.info("eval step %d (epoch %.2f) | %s", step, step / steps_per_epoch,
                      " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         score = result[task.metric]
         if best is None or (score > best[task.metric] if task.higher_is_better else score < best[task.metric]):
           best, best_step = result, step
-          best_params = jax.device_get(state.params)
-          checkpointer.save(step, state.params, {"step": step, "metrics": result})
-    if best_params is None:  # no dev split: the final params
-      best_params, best_step = jax.device_get(state.params), step
-      checkpointer.save(step, state.params, {"step": step})
+          best_params = jax.tree.map(jnp.copy, state.params)  # `state` is donated to the next step
+      preempted = guard.reached(step)
+      if evaluated or preempted or step == last or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        save(step)
+      if preempted:
+        logging.warning("%s: stopped after step %d with a checkpoint; rerun the same command to continue",
+                        guard.signal_name or "preemption", step)
+        break
   finally:
-    checkpointer.close()
+    guard.__exit__(None, None, None)
     writer.close()
+  if step < num_steps:
+    checkpointer.close()
+    how = "preempted" if preempted else "stopped_at_step"
+    logging.info("%s at step %d of %d; rerun the same command to continue", how, step, num_steps)
+    return {"task": task.name, "step": step, "steps": num_steps, how: True}
+  checkpointer.close()
 
+  if best_params is None or eval_data is None:  # no dev split: the final params
+    best_params, best_step = state.params, num_steps
   from spanlm import convert
-  convert.save_converted(os.path.join(workdir, "model"), encoder_cfg, best_params["encoder"], tokenizer)
+  convert.save_converted(os.path.join(workdir, "model"), encoder_cfg, jax.device_get(best_params["encoder"]),
+                         tokenizer)
   out = {"task": task.name, "steps": num_steps, "best_step": best_step}
   if best is not None:
     out.update({f"best/{k}": v for k, v in best.items()})
-  if config.task.predict_split:
-    out["prediction_files"] = _predict(tuner, task, best_params, tokenizer, seq_len, workdir)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
+  out["prediction_files"] = []
+  for split in task.predict_splits():
+    out["prediction_files"] += _predict(tuner, task, best_params, tokenizer, seq_len, workdir, split, best)
+  out["complete"] = True
+  tmp = results_path + ".tmp"
+  with open(tmp, "w") as f:
     json.dump(out, f, indent=2)
+  os.replace(tmp, results_path)
   logging.info("done: best %s at step %d; results in %s", best, best_step, workdir)
   return out
 
 
-def evaluate(tuner: Finetuner, params, features: Features) -> dict[str, float]:
-  outputs = tuner.outputs(params, features)
-  predictions = tuner.task.predict(outputs, features)
-  return {k: float(v) for k, v in tuner.task.evaluate(predictions, features).items()}
+def evaluate(tuner: Finetuner, params, features: Features, name: str = "",
+             calibration: Features | None = None) -> dict[str, float]:
+  """The task's metrics of `params` on `features` (with `calibration`, the task's calibration split,
+  predicted too and handed to `task.evaluate`)."""
+  task = tuner.task
+  predictions = task.predict(tuner.outputs(params, features, name=name), features)
+  cal = None
+  if calibration is not None:
+    cal = (task.predict(tuner.outputs(params, calibration, name=f"{name} calibration"), calibration),
+           calibration)
+  return {k: float(v) for k, v in task.evaluate(predictions, features, cal).items()}
 
 
-def _predict(tuner, task, params, tokenizer, seq_len, workdir) -> list[str]:
-  split = tuner.config.task.predict_split
+def _predict(tuner, task, params, tokenizer, seq_len, workdir, split, best) -> list[str]:
+  """Write the predictions of `params` on `split` (with `best`, the dev metrics of the epoch they
+  come from: SQuAD v2.0's null threshold belongs to it)."""
   try:
     features = task.load(split, tokenizer, seq_len)
   except FileNotFoundError as e:
@@ -395,8 +605,9 @@ def _predict(tuner, task, params, tokenizer, seq_len, workdir) -> list[str]:
     return []
   features.log_report(f"{task.name}/{split}")
   params = jax.device_put(params, tuner.param_shardings)
-  predictions = task.predict(tuner.outputs(params, features), features)
-  paths = task.write_predictions(predictions, features, os.path.join(workdir, f"predictions_{split}"))
+  predictions = task.predict(tuner.outputs(params, features, name=f"{task.name}/{split}"), features)
+  paths = task.write_predictions(predictions, features, os.path.join(workdir, task.prediction_dir(split)),
+                                 best or {})
   for p in paths:
     logging.info("wrote %s predictions to %s", split, p)
   return paths

@@ -47,6 +47,26 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array  # base key; step s uses fold_in(rng, s), so resuming replays the same randomness
 
 
+def state_layout(init_params, tx, mesh) -> tuple[TrainState, TrainState]:
+  """(shardings, abstract state) of the TrainState for boxed `init_params(rng)` and optimizer `tx`.
+
+  The one place both loops (pretraining here, fine-tuning in finetune.py) derive their state
+  layout: parameters by their logical axes, optimizer state like its parameters
+  (`opt_state_shardings`, which keeps parameter groups' MaskedNodes), the rest replicated.
+  """
+  boxed = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  param_shardings = parallel.logical_shardings(boxed, mesh)
+  abstract_params = nn.meta.unbox(boxed)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  rep = parallel.replicated(mesh)
+  opt_shardings = opt_state_shardings(tx, abstract_opt, param_shardings, rep)
+  shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
+  abstract = ckpt_lib.abstract_like(
+      TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                 opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32)), shardings)
+  return shardings, abstract
+
+
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> BertForPretraining:
   """The masked-LM pretraining model for `config.model`/`config.objective` and a vocabulary.
 
@@ -116,17 +136,7 @@ class Trainer:
     return self.objective.init_params(rng)
 
   def _build_shardings(self):
-    boxed = jax.eval_shape(self._init, jax.random.PRNGKey(0))
-    param_shardings = parallel.logical_shardings(boxed, self.mesh)
-    abstract_params = nn.meta.unbox(boxed)
-    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    rep = parallel.replicated(self.mesh)
-    opt_shardings = opt_state_shardings(self.tx, abstract_opt, param_shardings, rep)
-    self.state_shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
-    self.abstract_state = ckpt_lib.abstract_like(
-        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                   opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32)),
-        self.state_shardings)
+    self.state_shardings, self.abstract_state = state_layout(self._init, self.tx, self.mesh)
     bs = parallel.batch_sharding(self.mesh)
     keys = ("input_ids", "segment_ids") + PACKED_KEYS * (self.config.data.packing == "packed")
     self.batch_shardings = {k: bs for k in keys}

@@ -24,40 +24,80 @@ class WordTokenizer:
     return [self.ids.setdefault(w, 5 + len(self.ids) % (self.vocab_size - 5)) for w in text.lower().split()]
 
 
-# --- ROUGE ---------------------------------------------------------------------------------------
+# --- ROUGE, oracle, blocking (PreSumm) -----------------------------------------------------------
 
-def test_rouge_hand_cases():
-  c, r = "The cat sat on the mat.", "the cat is on the mat"
-  scores = rouge.rouge(c, r)
-  # unigrams: 5 of 6 match both ways; bigrams: {the cat, on the, the mat} = 3 of 5;
-  # LCS "the cat on the mat" = 5 of 6.
-  assert scores["rouge_1"] == pytest.approx(5 / 6)
-  assert scores["rouge_2"] == pytest.approx(3 / 5)
-  assert scores["rouge_l"] == pytest.approx(5 / 6)
-  # Clipped counts: "the the the" vs "the cat": 1 match, P = 1/3, R = 1/2, F = 0.4.
-  assert rouge.rouge_n(["the"] * 3, ["the", "cat"], 1)["f"] == pytest.approx(0.4)
-  assert rouge.lcs_length(list("abcbdab"), list("bdcaba")) == 4  # CLRS's example
-  assert rouge.rouge("", "a b")["rouge_1"] == 0.0
-  p = rouge.rouge_l("a b c d".split(), "a c".split())
-  assert (p["p"], p["r"]) == (0.5, 1.0)
+def presumm_greedy_selection(doc_sent_list, abstract_sent_list, summary_size):
+  """nlpyang/PreSumm src/prepro/data_builder.py greedy_selection, transcribed (the reference)."""
+  import re
+
+  def _rouge_clean(s):
+    return re.sub(r"[^a-zA-Z0-9 ]", "", s)
+
+  def _ngrams(n, words):
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+  def cal_rouge(evaluated, reference):
+    overlap = len(evaluated & reference)
+    p = overlap / len(evaluated) if evaluated else 0.0
+    r = overlap / len(reference) if reference else 0.0
+    return 2.0 * ((p * r) / (p + r + 1e-8))
+
+  max_rouge = 0.0
+  abstract = _rouge_clean(" ".join(sum(abstract_sent_list, []))).split()
+  sents = [_rouge_clean(" ".join(s)).split() for s in doc_sent_list]
+  e1, e2 = [_ngrams(1, s) for s in sents], [_ngrams(2, s) for s in sents]
+  r1, r2 = _ngrams(1, abstract), _ngrams(2, abstract)
+  selected = []
+  for _ in range(summary_size):
+    cur_max, cur_id = max_rouge, -1
+    for i in range(len(sents)):
+      if i in selected:
+        continue
+      c = selected + [i]
+      score = cal_rouge(set.union(*[e1[j] for j in c]), r1) + cal_rouge(set.union(*[e2[j] for j in c]), r2)
+      if score > cur_max:
+        cur_max, cur_id = score, i
+    if cur_id == -1:
+      return selected
+    selected.append(cur_id)
+    max_rouge = cur_max
+  return sorted(selected)
 
 
-def test_greedy_oracle_hand_case():
-  sents = [s.split() for s in ("a b c", "x y z", "d e f", "a b c d")]
-  # Step 1: "a b c d" (R1 F .8 + R2 F .75) beats "a b c" (.667 + .571).
-  # Step 2: + "d e f" -> R1 F 12/13, R2 F 10/11: better. Step 3: nothing improves -> stop.
-  assert rouge.greedy_oracle(sents, "a b c d e f".split()) == [2, 3]
-  assert rouge.greedy_oracle(sents, "a b c d e f".split(), max_sentences=1) == [3]
-  assert rouge.greedy_oracle(sents, "q r s".split()) == []
+def test_rouge_is_rouge_score_stemmed_with_lsum():
+  # Stemming: "cats" ~ "cat", "sat" = "sat"; unigrams 5 of 6 candidate / 5 of 9 reference tokens.
+  scores = rouge.rouge(["the cats sat", "the dog ran"], ["the cat sat on a mat", "a dog ran"])
+  p, r = 5 / 6, 5 / 9
+  assert scores["rouge_1"] == pytest.approx(2 * p * r / (p + r))
+  # ROUGE-Lsum: union LCS per reference sentence: "the cat sat" (3) + "dog ran" (2) = 5 hits.
+  assert scores["rouge_lsum"] == pytest.approx(2 * p * r / (p + r))
+  # Summary-level LCS depends on the sentence order of the candidate.
+  assert rouge.rouge(["b c", "a"], ["a b c"])["rouge_lsum"] == rouge.rouge(["a", "b c"], ["a b c"])["rouge_lsum"]
 
 
-def test_trigram_blocking():
+def test_greedy_oracle_equals_presumms():
+  rng = np.random.default_rng(0)
+  words = "the cat u.s. sat on mat dog barked at night it rained all day don't stop".split()
+  for _ in range(30):
+    doc = [list(rng.choice(words, size=int(rng.integers(1, 9)))) for _ in range(int(rng.integers(1, 8)))]
+    ref = [list(rng.choice(words, size=int(rng.integers(2, 8)))) for _ in range(2)]
+    # (PreSumm returns an early stop's selection unsorted; only the set makes the labels.)
+    assert rouge.greedy_oracle(doc, ref) == sorted(presumm_greedy_selection(doc, ref, 3))
+  # Hand case: n-gram *sets* (a repeated "a" counts once) and the cleaning ("u.s." -> "us").
+  sents = [s.split() for s in ("a a a", "b c", "u.s. d")]
+  ref = [["a", "us", "d"]]
+  assert rouge.greedy_oracle(sents, ref) == [0, 2]
+  assert rouge.greedy_oracle(sents, [["q"]]) == []
+
+
+def test_trigram_blocking_in_score_order():
   sents = [s.split() for s in ("the cat sat on the mat", "so the cat sat on a chair",
                                "dogs bark loudly", "birds sing")]
-  scores = [0.9, 0.8, 0.7, 0.1]
-  assert rouge.select_with_trigram_blocking(sents, scores, 3) == [0, 2, 3]  # 1 repeats "the cat sat"
-  assert rouge.select_with_trigram_blocking(sents, scores, 3, block=False) == [0, 1, 2]
-  assert rouge.select_with_trigram_blocking(sents, [0.8, 0.9, 0.1, 0.2], 2) == [1, 3]
+  scores = [0.7, 0.8, 0.9, 0.1]
+  # PreSumm: by score, 0 repeats "the cat sat" of 1 and is skipped; summary in score order.
+  assert rouge.select_with_trigram_blocking(sents, scores, 3) == [2, 1, 3]
+  assert rouge.select_with_trigram_blocking(sents, scores, 3, document_order=True) == [1, 2, 3]
+  assert rouge.select_with_trigram_blocking(sents, scores, 3, block=False) == [2, 1, 0]
 
 
 def test_sentence_splitter():
@@ -79,7 +119,8 @@ def _docs():
 
 def test_features_layout_and_truncation():
   report = collections.Counter()
-  feats = bertsum.featurize(_docs(), WordTokenizer(), seq_len=20, max_sentences=3, report=report)
+  feats = bertsum.featurize(_docs(), WordTokenizer(), seq_len=20, max_sentences=3, min_sentence_tokens=0,
+                            report=report)
   a = feats.arrays
   for row in range(len(feats)):
     n = int(a["sentence_mask"][row].sum())
@@ -93,13 +134,26 @@ def test_features_layout_and_truncation():
   assert a["sentence_mask"][0].tolist() == [1, 1, 0]
   assert report["truncated_documents"] == 1 and report["dropped_sentences"] == 2
   # Labels are the greedy oracle's (on the whole document), for the kept sentences.
-  oracle = rouge.greedy_oracle(_docs()[0][0], _docs()[0][1][0])
+  oracle = rouge.greedy_oracle(_docs()[0][0], _docs()[0][1])
   assert feats.meta[0]["oracle"] == oracle
   assert a["labels"][0, :2].tolist() == [float(0 in oracle), float(1 in oracle)]
-  # Fragments shorter than min_sentence_words are dropped before everything else, and counted.
+  # PreSumm: sentences of at most min_sentence_tokens tokens are dropped (counted), after the oracle.
   report = collections.Counter()
-  feats = bertsum.featurize(_docs(), WordTokenizer(), 20, 3, min_sentence_words=3, report=report)
+  feats = bertsum.featurize(_docs(), WordTokenizer(), 20, 3, min_sentence_tokens=2, report=report)
   assert report["dropped_short_sentences"] == 1 and feats.meta[1]["sentences"] == [["another", "short", "sentence"]]
+
+
+def test_the_oracle_sees_sentences_the_length_filter_drops():
+  # The best oracle sentence is short: PreSumm picks it before filtering, so its label is lost with
+  # it and the next-best sentence is not promoted.
+  doc = [["cat", "sat"], "a dog barked at the night sky".split(), "it rained on the cat all day".split()]
+  feats = bertsum.featurize([(doc, [["cat", "sat"]])], WordTokenizer(), 64, 4, min_sentence_tokens=5)
+  assert feats.meta[0]["oracle_all"] == [["cat", "sat"]]
+  assert feats.meta[0]["sentences"] == doc[1:] and feats.arrays["labels"][0].tolist() == [0, 0, 0, 0]
+  # Training documents left with fewer than 3 sentences are skipped (PreSumm's min_src_nsents).
+  report = collections.Counter()
+  with pytest.raises(ValueError, match="skipped_short_documents=1"):
+    bertsum.featurize([(doc, [["cat"]])], WordTokenizer(), 64, 4, training=True, report=report)
 
 
 def test_malformed_rows_are_counted(tmp_path):
@@ -148,18 +202,15 @@ def test_noam_schedules_and_separate_groups():
 
 @pytest.fixture(scope="module")
 def tiny_run():
-  import ml_collections
-
   from spanlm import finetune
   from spanlm.models.bert import BertConfig
 
-  config = finetune.finetune_config()
-  with config.unlocked():
-    config.bertsum = ml_collections.ConfigDict({"encoder_warmup": 10, "new_warmup": 10})
+  config = finetune.finetune_config("bertsum")
+  config.bertsum.encoder_warmup = config.bertsum.new_warmup = 10
   config.train.batch_size = 8
   config.finetune.eval_batch_size = 8
   task = bertsum.make_task(config)
-  feats = bertsum.featurize(_docs() * 4, WordTokenizer(), seq_len=32, max_sentences=4)
+  feats = bertsum.featurize(_docs() * 4, WordTokenizer(), seq_len=32, max_sentences=4, min_sentence_tokens=0)
   enc = BertConfig(vocab_size=256, num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32,
                    max_position_embeddings=32, dropout_rate=0.0)
   tuner = finetune.Finetuner(config, task, enc, feats.arrays, num_steps=4)
@@ -187,5 +238,5 @@ def test_one_training_step_and_evaluation(tiny_run):
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), new_state.params, before)
   assert max(jax.tree.leaves(moved["encoder"])) < max(jax.tree.leaves(moved["scorer"]))
   result = finetune.evaluate(tuner, new_state.params, feats)
-  for key in ("rouge_1", "rouge_2", "rouge_l", "oracle_rouge_1", "lead3_rouge_1", "rouge_mean"):
+  for key in ("rouge_1", "rouge_2", "rouge_lsum", "oracle_rouge_1", "lead3_rouge_1", "rouge_mean"):
     assert 0.0 <= result[key] <= 100.0

@@ -24,7 +24,6 @@ def test_metrics_on_hand_computed_cases():
   assert glue.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
   # x = [1, 2, 3, 4] vs y = [1, 3, 2, 4]: d = (0, 1, 1, 0), rho = 1 - 6*2/(4*15) = 0.8
   assert glue.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
-  assert list(glue.rankdata([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]  # ties share the mean rank
 
 
 def test_metrics_agree_with_scipy_and_sklearn():
@@ -136,3 +135,74 @@ def test_saved_encoder_reloads_and_merges(sst_run):
 def test_unknown_task_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown config.task.name"):
     get_task("nosuchtask", finetune.finetune_config())
+
+
+def _glue_config(name, d):
+  c = finetune.finetune_config()
+  c.task.name, c.task.data_dir = name, str(d)
+  return c
+
+
+def test_test_ids_come_from_the_files_own_id_column(tmp_path):
+  d = tmp_path / "QQP"
+  d.mkdir()
+  (d / "test.tsv").write_text("id\tquestion1\tquestion2\n"
+                              "7\tthe movie\ta plot\n"
+                              "8\tbroken row\n"  # malformed: skipped, and must not shift later ids
+                              "12\tgood\tbad\n")
+  f = get_task("qqp", _glue_config("qqp", d)).load("test", _tok(), 16)
+  assert f.meta["index"] == ["7", "12"] and f.report["skipped_malformed"] == 1
+
+
+def test_mnli_writes_matched_mismatched_and_ax(tmp_path):
+  d = tmp_path / "MNLI"
+  d.mkdir()
+  (tmp_path / "diagnostic").mkdir()
+  head = "index\tsentence1\tsentence2\n"
+  for path in (d / "test_matched.tsv", d / "test_mismatched.tsv", tmp_path / "diagnostic" / "diagnostic.tsv"):
+    path.write_text(head + "0\tthe movie\ta plot\n1\tgood\tbad\n")
+  task = get_task("mnli", _glue_config("mnli", d))
+  assert task.predict_splits() == ("test", "test_mismatched", "ax")
+  written = []
+  for split in task.predict_splits():
+    features = task.load(split, _tok(), 16)
+    out = tmp_path / "run" / task.prediction_dir(split)
+    written += task.write_predictions(np.array([1, 2]), features, str(out))
+  assert [os.path.basename(p) for p in written] == ["MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
+  assert open(written[2]).read() == "index\tprediction\n0\tentailment\n1\tneutral\n"
+
+
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path):
+  d = tmp_path / "SST-2"
+  d.mkdir()
+  (d / "dev.tsv").write_bytes(b"sentence\tlabel\ngood\t1\nbad \xff\t0\n")
+  with pytest.raises(ValueError, match=r"SST-2/dev.tsv line 3: byte 0xFF is not UTF-8"):
+    get_task("sst2", _glue_config("sst2", d)).load("dev", _tok(), 16)
+
+
+def test_glue_submission_zips_the_eleven_files(tmp_path, capsys):
+  import sys
+  import zipfile
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+  import glue_submission
+
+  runs = []
+  for stems in (["CoLA", "SST-2", "MRPC", "QQP", "STS-B", "QNLI", "RTE", "WNLI"], ["MNLI-m", "MNLI-mm", "AX"]):
+    run = tmp_path / stems[0]
+    (run / "predictions_test").mkdir(parents=True)
+    for stem in stems:
+      value = {"STS-B": "3.250", "QNLI": "entailment", "RTE": "not_entailment", "MNLI-m": "neutral",
+               "MNLI-mm": "contradiction", "AX": "entailment"}.get(stem, "1")
+      (run / "predictions_test" / f"{stem}.tsv").write_text(f"index\tprediction\n0\t{value}\n1\t{value}\n")
+    runs.append(str(run))
+  out = tmp_path / "submission.zip"
+  assert glue_submission.main(runs + [f"--out={out}"]) == 0
+  names = zipfile.ZipFile(out).namelist()
+  assert sorted(names) == sorted(f"{s}.tsv" for s in glue_submission.TEST_ROWS)  # flat, eleven files
+  # A missing file and a bad label are refused.
+  assert glue_submission.main(runs[:1] + [f"--out={tmp_path / 'x.zip'}"]) == 2
+  assert "missing MNLI-m.tsv, MNLI-mm.tsv, AX.tsv" in capsys.readouterr().err
+  bad = tmp_path / "CoLA" / "predictions_test" / "RTE.tsv"
+  bad.write_text("index\tprediction\n0\tneutral\n")
+  assert glue_submission.main(runs + [f"--out={tmp_path / 'y.zip'}"]) == 2
+  assert "prediction 'neutral' is not one of ('entailment', 'not_entailment')" in capsys.readouterr().err

@@ -131,3 +131,23 @@ def test_attention_maps_and_report(inputs, tmp_path):
   summary = ha.write_report(result, probs, special, np.array([T, 5]), str(tmp_path), "tiny")
   assert abs(sum(summary["share"].values()) - 1) < 1e-9
   assert {"heads.json", "heads.md", "attention_maps.png"} <= set(os.listdir(tmp_path))
+
+
+def test_uniform_ablation_gives_the_head_uniform_attention(inputs):
+  """Kovaleva et al. 2019 disable a head by making its attention uniform (tools/ablate_heads.py --mode=uniform)."""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+  import ablate_heads
+
+  ids, valid = inputs
+  params = jax.tree.map(np.asarray, nn.meta.unbox(BertEncoder(CFG).init(jax.random.PRNGKey(1), ids)["params"]))
+  seg = np.zeros_like(ids)
+  before = ha.attention_probs(CFG, params, ids, seg, valid.astype(np.int32))  # [L, B, H, T, T]
+  after = ha.attention_probs(CFG, ablate_heads.uniform_head(params, 1, 2), ids, seg, valid.astype(np.int32))
+  lengths = np.asarray(valid).sum(1)
+  for b, n in enumerate(lengths):
+    np.testing.assert_allclose(after[1, b, 2, :n, :n], 1.0 / n, rtol=1e-5)  # uniform over real tokens
+    np.testing.assert_allclose(after[1, b, 2, :n, n:], 0.0, atol=1e-7)
+  assert not np.allclose(before[1, :, 2], after[1, :, 2])
+  np.testing.assert_allclose(np.delete(after[1], 2, axis=1), np.delete(before[1], 2, axis=1), rtol=1e-5)
+  np.testing.assert_allclose(after[0], before[0], rtol=1e-5)  # layer 0 is upstream: untouched

@@ -103,3 +103,33 @@ def test_ramp_optimizer_is_the_configured_optimizer_at_each_lr():
     np.testing.assert_allclose(updates["bias"], want["bias"], rtol=1e-5)
     assert float(schedule(t)) == pytest.approx(lrs[t], rel=1e-6)
     params = optax.apply_updates(params, updates)
+
+
+def test_ramp_is_lars_at_each_rate_from_the_first_step():
+  """LARS applies the rate inside its momentum (You et al. 2017, Algorithm 1): the ramp must too."""
+  c = spanlm.load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "lr_range_test.py"))
+  c.optimizer.name, c.optimizer.grad_clip, c.optimizer.weight_decay = "lars", 0.0, 0.01
+  m, eta, beta = c.optimizer.momentum, c.optimizer.trust_coefficient, c.optimizer.weight_decay
+  lrs = lr_range.exponential_lrs(1e-2, 1.0, 5)
+  tx, _ = lr_range.ramp_optimizer(c, lrs)
+  params = {"w": jnp.linspace(0.5, 2.0, 6).reshape(3, 2)}
+  state, v, w = tx.init(params), np.zeros((3, 2)), np.asarray(params["w"], np.float64)
+  for t in range(5):
+    g = np.sin(w * (t + 1))
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    ratio = eta * np.linalg.norm(w) / (np.linalg.norm(g) + beta * np.linalg.norm(w))
+    v = m * v + lrs[t] * ratio * (g + beta * w)  # gamma_t inside the momentum
+    np.testing.assert_allclose(updates["w"], -v, rtol=2e-4)
+    params = optax.apply_updates(params, updates)
+    w = w - v
+
+
+def test_a_run_that_blows_up_early_returns_what_it_has(caplog):
+  lrs = lr_range.exponential_lrs(1e-3, 1.0, 50)
+  losses = [5.0, 4.0, float("nan")]
+  out = lr_range.run(lambda i, lr: losses[i], lrs, skip_start=10, log=print)
+  assert out["diverged"] and len(out["losses"]) == 3
+  assert out["min_loss_lr"] == pytest.approx(lrs[1])  # the lowest loss before the blow-up
+  assert "returning what it has" in caplog.text
+  first = lr_range.run(lambda i, lr: float("inf"), lrs, skip_start=0)  # diverged at once
+  assert first["diverged"] and first["min_loss_lr"] == pytest.approx(lrs[0])

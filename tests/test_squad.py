@@ -249,14 +249,11 @@ def test_decode_across_windows_and_null_odds():
 
 @pytest.fixture(scope="module")
 def tiny_run():
-  import ml_collections
-
   from spanlm import finetune
   from spanlm.models.bert import BertConfig
 
-  config = finetune.finetune_config()
-  with config.unlocked():
-    config.squad = ml_collections.ConfigDict({"version": "2.0", "doc_stride": 4})
+  config = finetune.finetune_config("squad")
+  config.squad.version, config.squad.doc_stride = "2.0", 4
   config.train.batch_size = 8
   config.finetune.eval_batch_size = 8
   task = squad.make_task(config)
@@ -288,3 +285,86 @@ def test_one_training_step_and_evaluation(tiny_run):
   result = finetune.evaluate(tuner, state.params, feats)
   assert {"exact_match", "f1", "null_threshold", "HasAns_f1", "NoAns_f1"} <= set(result)
   assert 0.0 <= result["f1"] <= 100.0
+
+
+# --- fixes ---------------------------------------------------------------------------------------
+
+def _v2_dataset():
+  ctx = "alpha beta gamma delta"
+  qas = [{"id": "a1", "question": "q", "answers": [{"text": "beta", "answer_start": 6}]},
+         {"id": "a2", "question": "q", "answers": [{"text": "gamma", "answer_start": 11}]},
+         {"id": "n1", "question": "q", "answers": [], "is_impossible": True},
+         {"id": "n2", "question": "q", "answers": [], "is_impossible": True}]
+  return {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": qas}]}]}
+
+
+def _decoded(texts, odds):
+  return {q: dict(text=t, score=0.0, null_score=o, null_odds=o, nbest=[(t, 0.0)])
+          for (q, t), o in zip(texts.items(), odds)}
+
+
+def test_v2_predictions_use_the_threshold_of_the_epoch_they_come_from(tmp_path):
+  from spanlm import finetune
+  config = finetune.finetune_config("squad")
+  config.squad.version = "2.0"
+  task = squad.make_task(config)
+  raw = _v2_dataset()
+  feats = squad.Features({}, {"dataset": raw, "examples": squad.parse_squad(raw)}, {})
+  texts = {"a1": "beta", "a2": "gamma", "n1": "alpha", "n2": "delta"}
+  # Epoch 1 (the best): the unanswerable questions have the highest null odds: threshold 2 separates them.
+  epoch1 = _decoded(texts, [1.0, 2.0, 5.0, 6.0])
+  best = task.evaluate(epoch1, feats)
+  assert best["f1"] == 100.0 and best["null_threshold"] == 2.0
+  # Epoch 2 (last, worse) tunes another threshold.
+  last = task.evaluate(_decoded(texts, [6.0, 5.0, 1.0, 2.0]), feats)
+  assert last["null_threshold"] != best["null_threshold"] and last["f1"] < best["f1"]
+  # The best params' predictions are written with the best epoch's threshold and score like it.
+  prefix = str(tmp_path / "pred")
+  task.write_predictions(epoch1, feats, prefix, best)
+  written = json.load(open(prefix + ".json"))
+  assert written == {"a1": "beta", "a2": "gamma", "n1": "", "n2": ""}
+  assert squad_metrics.evaluate(raw, written)["f1"] == best["f1"]
+
+
+def test_v2_threshold_from_held_out_training_questions(tmp_path):
+  from spanlm import finetune
+  config = finetune.finetune_config("squad")
+  config.squad.version, config.squad.threshold_from = "2.0", "train_holdout"
+  config.squad.threshold_holdout_fraction = 0.5
+  data = {"version": "v2.0", "data": [dict(_v2_dataset()["data"][0], title=f"t{i}") for i in range(4)]}
+  for i, art in enumerate(data["data"]):
+    art["paragraphs"] = [dict(art["paragraphs"][0], qas=[dict(qa, id=f"{qa['id']}_{i}")
+                                                        for qa in art["paragraphs"][0]["qas"]])]
+  path = tmp_path / "train.json"
+  path.write_text(json.dumps(data))
+  config.data.train_file = config.data.eval_file = str(path)
+  task = squad.make_task(config)
+  assert task.calibration_split() == "threshold_holdout"
+  tok = ToyTokenizer()
+  train, held = task.load("train", tok, 32), task.load("threshold_holdout", tok, 32)
+  train_titles = {a["title"] for a in train.meta["dataset"]["data"]}
+  held_titles = {a["title"] for a in held.meta["dataset"]["data"]}
+  assert len(train_titles) == len(held_titles) == 2 and not train_titles & held_titles
+  dev = task.load("dev", tok, 32)
+  texts = {e.qid: {"a": "beta", "n": "alpha"}[e.qid[0]] for e in dev.meta["examples"]}
+  dev_pred = _decoded(texts, [1.0 if q[0] == "a" else 9.0 for q in texts])  # dev alone: threshold ~1
+  held_texts = {e.qid: {"a": "beta", "n": "alpha"}[e.qid[0]] for e in held.meta["examples"]}
+  held_pred = _decoded(held_texts, [7.0 if q[0] == "a" else 8.0 for q in held_texts])  # held out: 7
+  result = task.evaluate(dev_pred, dev, calibration=(held_pred, held))
+  assert result["null_threshold"] == 7.0  # from the held-out training questions, not from dev
+
+
+def test_featurize_reports_why_every_question_was_skipped():
+  raw = {"data": [{"title": "t", "paragraphs": [{"context": "abc", "qas": [
+      {"id": "1", "question": "q", "answers": [{"text": "zzz", "answer_start": 0}]}]}]}]}
+  with pytest.raises(ValueError, match=r"every question was skipped \(.*skipped_answer_not_found=1"):
+    squad.featurize(squad.parse_squad(raw), ToyTokenizer(), 16, training=True)
+
+
+def test_a_question_without_answers_is_scored_against_the_empty_answer(tmp_path):
+  data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "a b", "qas": [
+      {"id": "1", "question": "q", "answers": [{"text": "a", "answer_start": 0}]},
+      {"id": "2", "question": "q", "answers": []}]}]}]}
+  out = squad_metrics.evaluate(data, {"1": "a", "2": ""}, v2=False)
+  assert out["exact_match"] == 100.0 and out["questions_without_answers"] == 1
+  assert squad_metrics.evaluate(data, {"1": "a", "2": "b"}, v2=False)["exact_match"] == 50.0

@@ -35,8 +35,9 @@ def test_greedy_longest_match_and_unknown_words(tok):
   assert tok.tokenize("abc") == ["abc"]  # the whole word beats a + ##bc
   assert tok.tokenize("abbc") == ["a", "##b", "##bc"]
   assert tok.tokenize("unx") == ["[UNK]"]  # no segmentation: the whole word is [UNK]
-  assert tok.tokenize("a" + "b" * 99) == ["a"] + ["##b"] * 99  # 100 characters: still split
-  assert tok.tokenize("a" + "b" * 100) == ["[UNK]"]  # over 100 characters: [UNK]
+  # Google's tokenizer (max_input_chars_per_word=200): 200 characters still split, 201 are [UNK].
+  assert tok.tokenize("a" + "b" * 199) == ["a"] + ["##b"] * 199
+  assert tok.tokenize("a" + "b" * 200) == ["[UNK]"]
   assert tok.encode("hello xyz") == [VOCAB.index("hello"), tok.unk_id]
 
 
@@ -91,3 +92,11 @@ def test_matches_the_minilm_checkpoints_tokenizer_json():
                "it 's a charming and often affecting journey . ", "Don't stop-believing (1999) — ok?"]
   for s in sentences:
     assert ours.encode(s) == ref.encode(s, add_special_tokens=False).ids, s
+
+
+def test_a_checkpoints_tokenizer_json_sets_its_own_word_limit(tmp_path):
+  (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "##b"]) + "\n")
+  assert load_tokenizer(str(tmp_path)).max_word_chars == 200
+  (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece", "max_input_chars_per_word": 100}}')
+  tok = load_tokenizer(str(tmp_path))
+  assert tok.max_word_chars == 100 and tok.tokenize("a" + "b" * 100) == ["[UNK]"]

@@ -23,6 +23,12 @@ _SRC = flags.DEFINE_string("src", None, "Source directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 
 
+def check_out(path: str) -> None:
+  """A clear error for an --out that exists and is not a directory."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"--out={path} is a file, not a directory; give a directory (it is created if missing)")
+
+
 def main(argv):
   del argv
   import numpy as np
@@ -30,6 +36,7 @@ def main(argv):
   from spanlm import convert
 
   try:
+    check_out(_OUT.value)
     if _TO.value == "spanlm":
       out = convert.import_hf(_SRC.value, _OUT.value)
     else:

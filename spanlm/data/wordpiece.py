@@ -10,7 +10,7 @@ bert `tokenization.py`) runs in two stages:
      (ASCII symbols and Unicode category P*).
   2. greedy longest-match-first WordPiece over each word: the longest vocabulary
      prefix, then the longest '##'-prefixed continuation, and so on; a word with
-     no segmentation, or longer than 100 characters, becomes [UNK] as a whole.
+     no segmentation, or longer than 200 characters, becomes [UNK] as a whole.
 
 Both tokenizers expose: `vocab_size`, `encode(text) -> ids`, `tokenize(text) ->
 pieces`, the special ids `pad_id unk_id cls_id sep_id mask_id` and
@@ -31,7 +31,7 @@ import numpy as np
 from spanlm.data import tokenizer as sp_tokenizer
 
 SAMPLE_TOKENIZER = os.path.join(os.path.dirname(__file__), "sample", "sample_sp8k.model")
-MAX_WORD_CHARS = 100  # longer words become [UNK] (BERT's max_input_chars_per_word)
+MAX_WORD_CHARS = 200  # longer words become [UNK] (google-research/bert tokenization.py: max_input_chars_per_word=200)
 
 
 def _is_whitespace(ch: str) -> bool:
@@ -69,8 +69,10 @@ def _normalize(text: str, lower: bool) -> str:
 class WordPieceTokenizer:
   """A BERT `vocab.txt` (one piece per line, id = line number)."""
 
-  def __init__(self, vocab: list[str], do_lower_case: bool = True, path: str = ""):
+  def __init__(self, vocab: list[str], do_lower_case: bool = True, path: str = "",
+               max_word_chars: int = MAX_WORD_CHARS):
     self.vocab = vocab
+    self.max_word_chars = max_word_chars
     self.index = {p: i for i, p in enumerate(vocab)}
     self.do_lower_case = do_lower_case
     self.path = path
@@ -98,7 +100,17 @@ class WordPieceTokenizer:
       if os.path.isfile(cfg):
         with open(cfg, encoding="utf-8") as f:
           do_lower_case = bool(json.load(f).get("do_lower_case", True))
-    return cls(vocab, do_lower_case, path)
+    # A Hugging Face checkpoint's tokenizer.json states its own limit (100 in HF's WordPiece); a
+    # bare vocab.txt gets Google's (200).
+    max_word_chars = MAX_WORD_CHARS
+    hf = os.path.join(os.path.dirname(path), "tokenizer.json")
+    if os.path.isfile(hf):
+      try:
+        with open(hf, encoding="utf-8") as f:
+          max_word_chars = int(json.load(f)["model"]["max_input_chars_per_word"])
+      except (KeyError, TypeError, ValueError):
+        pass
+    return cls(vocab, do_lower_case, path, max_word_chars)
 
   @property
   def vocab_size(self) -> int:
@@ -161,7 +173,7 @@ class WordPieceTokenizer:
   # --- WordPiece --------------------------------------------------------------------------------
   def _wordpiece_uncached(self, word: str) -> tuple[tuple[str, int], ...]:
     """Greedy longest-match-first pieces of one word, each with its length in characters."""
-    if len(word) > MAX_WORD_CHARS:
+    if len(word) > self.max_word_chars:
       return (("[UNK]", len(word)),)
     pieces, start = [], 0
     while start < len(word):

@@ -30,6 +30,7 @@ from spanlm.optim.hypergradient import (HypergradientState, HyperparamHypergradi
                                         hypergradient_descent, sgd_hd)
 from spanlm.optim.lamb import TrustRatioState, lamb, scale_by_trust_ratio
 from spanlm.optim.lars import lars, scale_by_lars
+from spanlm.optim.layer_decay import scale_by_layer_decay
 from spanlm.optim.schedules import ALIASES, SCHEDULES, make_schedule
 
 OPTIMIZERS = ("adamw", "adam", "lamb", "lars", "sgd", "sgd_hd", "adam_hd")
@@ -107,16 +108,25 @@ def group_label(group, i: int) -> str:
   return str(group.get("label") or f"group{i}")
 
 
-def make_optimizer(config, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config, num_steps: int, num_layers: int = 0, schedule=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`config.optimizer` + `config.schedule` -> (transformation, default group's schedule).
 
   Gradients are clipped to global norm `config.optimizer.grad_clip` (1.0 in BERT)
-  before the update; `adamw` is BERT's Adam with decoupled weight decay.
+  before the update; `adamw` is BERT's Adam with decoupled weight decay. Fine-tuning
+  configs may set `optimizer.layer_decay` (needs `num_layers`; optim/layer_decay.py) and
+  `optimizer.bias_correction=False` (BERT's Adam; optim/common.scale_by_adam_uncorrected).
   """
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     raise ValueError(f"unknown config.optimizer.name={opt.name!r}; choose one of {OPTIMIZERS}")
-  schedule = make_schedule(config.schedule, float(opt.learning_rate), num_steps)
+  # `schedule` (a function of the step) replaces config.schedule, e.g. the LR range test's ramp;
+  # groups then follow it scaled by their learning_rate / optimizer.learning_rate.
+  base_rate = float(opt.learning_rate)
+  given = schedule
+  schedule = given or make_schedule(config.schedule, base_rate, num_steps)
+  group_schedule = (lambda rate: (lambda step: given(step) * (rate / base_rate))) if given else \
+      (lambda rate: make_schedule(config.schedule, rate, num_steps))
   groups = tuple(opt.get("groups", ()) or ())
   if not groups:
     tx = _single(opt, schedule)
@@ -126,9 +136,16 @@ def make_optimizer(config, num_steps: int) -> tuple[optax.GradientTransformation
       sub = ml_collections.ConfigDict(opt.to_dict())
       sub.groups = ()
       sub.update({k: v for k, v in group.items() if k not in GROUP_KEYS})
-      transforms[group_label(group, i)] = _single(
-          sub, make_schedule(config.schedule, float(sub.learning_rate), num_steps))
+      transforms[group_label(group, i)] = _single(sub, group_schedule(float(sub.learning_rate)))
     tx = optax.multi_transform(transforms, lambda params: group_labels(groups, params))
+  if opt.get("layer_decay", 1.0) != 1.0:  # fine-tuning: lr * d^(L+2-depth) (optim/layer_decay.py)
+    if any(g.get("name", opt.name) in HYPERGRADIENT for g in (opt, *groups)):
+      raise ValueError(f"invalid config: config.optimizer.layer_decay needs a fixed-rate optimizer, "
+                       f"not {opt.name!r} (it adapts its own rate)")
+    if not num_layers:
+      raise ValueError("config.optimizer.layer_decay needs the encoder's number of layers "
+                       "(make_optimizer(config, num_steps, num_layers=...))")
+    tx = optax.chain(tx, scale_by_layer_decay(num_layers, float(opt.layer_decay)))
   if opt.grad_clip and opt.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
   return tx, schedule

@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from absl import logging
 
 
 def exponential_lrs(min_lr: float, max_lr: float, num_steps: int) -> np.ndarray:
@@ -68,49 +69,53 @@ def suggest_range(lrs, smoothed, skip_start: int = 0) -> dict:
 
   `skip_start` ignores the first points, where the moving average has not
   settled. Returns suggested_min_lr, suggested_max_lr, min_loss_lr and
-  steepest_lr (all floats).
+  steepest_lr (all floats). With fewer than 3 points after `skip_start` the skip
+  shrinks; with fewer than 3 points in all, the suggestion is read off what there
+  is (steepest_lr = min_loss_lr) and a warning says it is unreliable.
   """
   lrs, smoothed = np.asarray(lrs, float), np.asarray(smoothed, float)
   if len(lrs) != len(smoothed):
     raise ValueError(f"{len(lrs)} learning rates but {len(smoothed)} losses")
-  if len(lrs) - skip_start < 3:
-    raise ValueError(f"need at least 3 points after skip_start={skip_start}, got {len(lrs)}; "
-                     "run the test for more steps")
-  lrs, smoothed = lrs[skip_start:], smoothed[skip_start:]
+  if len(lrs) == 0:
+    raise ValueError("an LR range test with no recorded step has nothing to suggest")
+  skip = min(skip_start, max(len(lrs) - 3, 0))
+  lrs, smoothed = lrs[skip:], smoothed[skip:]
   finite = np.isfinite(smoothed)
   best = int(np.argmin(np.where(finite, smoothed, np.inf)))
-  # Steepest descent of the smoothed loss against log(lr), before the minimum.
-  stop = max(best, 2)
-  slope = np.gradient(smoothed[:stop + 1], np.log(lrs[:stop + 1]))
-  steepest = int(np.argmin(slope[:stop]))
+  if len(lrs) < 3:
+    logging.warning("LR range test: only %d usable point(s); the suggested range is unreliable (run more "
+                    "steps, or lower --min_lr if the loss blew up at once)", len(lrs))
+    steepest = best
+  else:
+    # Steepest descent of the smoothed loss against log(lr), before the minimum.
+    stop = max(best, 2)
+    slope = np.gradient(smoothed[:stop + 1], np.log(lrs[:stop + 1]))
+    steepest = int(np.argmin(slope[:stop]))
   max_lr = float(lrs[best] / 10)
   return dict(suggested_min_lr=max_lr / 4, suggested_max_lr=max_lr, min_loss_lr=float(lrs[best]),
               steepest_lr=float(lrs[steepest]))
 
 
 def ramp_optimizer(config, lrs):
-  """(tx, schedule): the configured optimizer at learning rate 1, its update scaled by lrs[step].
+  """(tx, schedule): the configured optimizer with its learning rate at step t set to lrs[t].
 
-  Every optimizer here applies the learning rate as the last scale of the
-  update (-lr * direction), so this is the configured optimizer, clipping and
-  weight decay included, run at learning rate lrs[step]. Pass it to
+  The ramp is the optimizer's own learning-rate schedule, so each optimizer applies it
+  where it applies any rate: after Adam's direction and weight decay, after LAMB's trust
+  ratio, and before LARS's and SGD's momentum (LARS at rate lrs[t] is exactly LARS with
+  that schedule; scaling the final update instead would rescale the whole momentum).
+  Parameter groups keep their ratio to config.optimizer.learning_rate. Pass it to
   Trainer(..., optimizer=...).
   """
   import jax.numpy as jnp
-  import optax
   from spanlm.optim import HYPERGRADIENT, make_optimizer
 
   if config.optimizer.name in HYPERGRADIENT:
     raise ValueError(f"config.optimizer.name={config.optimizer.name!r} adapts its own learning rate; "
                      "an LR range test needs a fixed-rate optimizer (adamw, adam, lamb, lars, sgd)")
-  c = config.copy_and_resolve_references()
-  c.optimizer.learning_rate = 1.0
-  c.schedule.name = "constant"
-  c.schedule.warmup_steps = 0
-  base, _ = make_optimizer(c, len(lrs))
   table = jnp.asarray(lrs, jnp.float32)
   schedule = lambda step: table[jnp.minimum(step, len(table) - 1)]
-  return optax.chain(base, optax.scale_by_schedule(schedule)), schedule
+  tx, _ = make_optimizer(config, len(lrs), schedule=schedule)
+  return tx, schedule
 
 
 def run(step: Callable[[int, float], float], lrs, beta: float = 0.9, factor: float = 4.0,
@@ -132,18 +137,22 @@ def run(step: Callable[[int, float], float], lrs, beta: float = 0.9, factor: flo
     if log and (i % 20 == 0 or i == len(lrs) - 1):
       log(f"step {i}: lr {lr:.2e} loss {loss:.4f} smoothed {s:.4f}")
     start = s if i == skip_start else start
-    if i >= skip_start and diverged(s, best, factor, start):
+    if not np.isfinite(s) or (i >= skip_start and diverged(s, best, factor, start)):
       stopped = True
       if log:
         log(f"stopped at step {i} (lr {lr:.2e}): smoothed loss {s:.4f} diverged (best {best:.4f}, "
-            f"start {start:.4f}, factor {factor})")
+            f"start {start if start is not None else float('nan'):.4f}, factor {factor})")
       break
     if i >= skip_start:
       best = min(best, s)
   n = len(losses)
-  skip = min(skip_start, max(n - 3, 0))
-  # The divergent last point never is the minimum; leave it out of the suggestion.
-  suggestion = suggest_range(lrs[:n - stopped], smoothed[:n - stopped], skip)
+  # The divergent last point never is the minimum; leave it out of the suggestion (unless it is
+  # all there is: the loss blew up at the first step).
+  usable = n - stopped if n - stopped > 0 else n
+  if usable < 3 + skip_start:
+    logging.warning("LR range test stopped after %d step(s)%s; returning what it has", n,
+                    " (the loss diverged)" if stopped else "")
+  suggestion = suggest_range(lrs[:usable], smoothed[:usable], skip_start)
   return dict(lrs=lrs[:n].tolist(), losses=losses, smoothed=smoothed, diverged=stopped, **suggestion)
 
 

@@ -23,8 +23,15 @@ checkpoints) is shared. A task:
       (numpy, N rows, padding removed) into predictions, and
       `evaluate(predictions, features)` computes the task's official metrics
       ({name: float}; `metric` names the one that picks the best epoch);
-  (e) `write_predictions(predictions, features, path_prefix)` writes the
-      files a leaderboard or evaluation script expects.
+  (e) `write_predictions(predictions, features, path_prefix, best)` writes the
+      files a leaderboard or evaluation script expects for the best params, `best`
+      being the dev metrics of the evaluation they come from (SQuAD v2.0 applies
+      the null threshold tuned there); `predict_splits()` names the splits
+      predicted (default: config.task.predict_split) and `prediction_dir(split)`
+      where their files go under the workdir.
+  `length_keys` names the arrays whose second axis is the sequence: a task whose
+  outputs have no sequence axis (GLUE) may list them, and the loop then pads each
+  batch only to the shortest of a few lengths that holds it (config.finetune.length_buckets).
   `optimizer(config, num_steps)` may return an optax transformation to replace
   the default (e.g. BERTSUM's separate schedules for the encoder and the new
   layers via `optax.multi_transform`); None means `spanlm.optim.make_optimizer`.
@@ -38,6 +45,7 @@ SentencePiece behind one interface): special ids are read from the tokenizer
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -79,6 +87,7 @@ class Task:
   metric: str = "accuracy"  # key of `evaluate`'s dict that selects the best epoch
   higher_is_better: bool = True
   splits: tuple[str, ...] = ("train", "dev", "test")  # names `load` understands
+  length_keys: tuple[str, ...] = ()  # arrays [N, L] a batch may be cut to a shorter L (see (e))
 
   def __init__(self, config):
     self.config = config
@@ -99,16 +108,61 @@ class Task:
   def predict(self, outputs: dict[str, np.ndarray], features: Features):
     raise NotImplementedError(f"{type(self).__name__}.predict")
 
-  def evaluate(self, predictions, features: Features) -> dict[str, float]:
+  def evaluate(self, predictions, features: Features, calibration=None) -> dict[str, float]:
+    """`calibration`: (predictions, features) of `calibration_split()`, when the task has one."""
     raise NotImplementedError(f"{type(self).__name__}.evaluate")
 
-  def write_predictions(self, predictions, features: Features, path_prefix: str) -> list[str]:
+  def calibration_split(self) -> str | None:
+    """A split the loop predicts with every evaluation and hands to `evaluate` (e.g. held-out
+    training questions that tune SQuAD v2.0's null threshold), or None."""
+    return None
+
+  def write_predictions(self, predictions, features: Features, path_prefix: str,
+                        best: dict | None = None) -> list[str]:
     """Write prediction file(s); returns their paths. Default: none."""
     return []
+
+  def predict_splits(self) -> tuple[str, ...]:
+    """Splits whose predictions the loop writes with the best params."""
+    split = self.config.task.get("predict_split", "")
+    return (split,) if split else ()
+
+  def prediction_dir(self, split: str) -> str:
+    """Where `split`'s predictions go, relative to the workdir (a prefix or a directory)."""
+    return f"predictions_{split}"
 
   def optimizer(self, config, num_steps: int):
     """An optax GradientTransformation to use instead of make_optimizer, or None."""
     return None
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """'NAME: 3200/9815 rows | 85.2 rows/s | ETA 0:01:17', logged at most every `every` seconds."""
+
+  def __init__(self, name: str, total: int, unit: str = "rows", every: float = 10.0):
+    self.name, self.total, self.unit, self.every = name, total, unit, every
+    self.start = self.last = time.time()
+    self.count = 0
+
+  def update(self, count: int) -> None:
+    self.count = count
+    now = time.time()
+    if now - self.last >= self.every and count < self.total:
+      self.last = now
+      rate = count / max(now - self.start, 1e-9)
+      logging.info("%s %d/%d %s | %.1f %s/s | ETA %s", self.name, count, self.total, self.unit, rate,
+                   self.unit, format_duration((self.total - count) / max(rate, 1e-9)))
+
+  def done(self) -> None:
+    elapsed = time.time() - self.start
+    if elapsed >= self.every:  # quick passes stay quiet
+      logging.info("%s %d %s in %s (%.1f %s/s)", self.name, self.count, self.unit, format_duration(elapsed),
+                   self.count / max(elapsed, 1e-9), self.unit)
 
 
 def masked_sum(values, batch):

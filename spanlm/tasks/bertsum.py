@@ -15,10 +15,16 @@ vectors plus sinusoidal positions PE(i):
 
 (no LN before the first layer's attention, as in the paper's implementation)
 trained with binary cross-entropy against oracle labels, summed over a
-document's sentences. Oracle labels: the greedy ROUGE-1+2 oracle (up to 3
-sentences, `spanlm.tasks.rouge.greedy_oracle`). Inference: the top-3 sentences
-by ŷ, skipping any that repeats a trigram of those already chosen (trigram
-blocking), in document order.
+document's sentences. Preprocessing follows PreSumm's `format_to_bert`
+(nlpyang/PreSumm src/prepro/data_builder.py): the greedy ROUGE-1+2 oracle (up to
+3 sentences, `spanlm.tasks.rouge.greedy_oracle`, PreSumm's cleaning and n-gram
+sets) is computed on the first 100 sentences of the whole document, *before*
+sentences of at most `min_sentence_tokens` (5) tokens are dropped; training
+documents left with fewer than 3 sentences are skipped (counted). Inference
+(PreSumm's `trainer_ext.test`): the top-3 sentences by ŷ, skipping any that
+shares a trigram with those already chosen (trigram blocking), written in score
+order (`bertsum.document_order=True` sorts them). Reported ROUGE-1/2/Lsum come
+from the `rouge-score` package (stemmed).
 
 Optimisation (§3.4): the paper trains the pretrained encoder and the new
 layers with separate Adams (β1 = 0.9, β2 = 0.999) and Noam schedules,
@@ -57,6 +63,9 @@ import optax
 from spanlm.models.bert import BertConfig, BertEncoder, SelfAttention, dense, layer_norm
 from spanlm.tasks import rouge
 from spanlm.tasks.base import Features, Task, masked_sum
+
+ORACLE_SOURCE_SENTENCES = 100  # PreSumm's max_src_nsents: the oracle sees the first 100 sentences
+MIN_TRAIN_SENTENCES = 3  # PreSumm's min_src_nsents: shorter training documents are skipped
 
 # --- sentences ---------------------------------------------------------------------------
 
@@ -158,27 +167,31 @@ def load_documents(pattern: str, report: collections.Counter | None = None):
 # --- features ----------------------------------------------------------------------------
 
 def featurize(docs, tokenizer, seq_len: int, max_sentences: int, max_sentence_tokens: int = 200,
-              oracle_sentences: int = 3, min_sentence_words: int = 0,
+              oracle_sentences: int = 3, min_sentence_tokens: int = 5, training: bool = False,
               report: collections.Counter | None = None) -> Features:
   """One row per document: [CLS] s [SEP] per sentence, interval segments, [CLS] positions, labels.
 
-  Sentences of fewer than `min_sentence_words` words are dropped first (BertSum's
-  preprocessing drops such fragments: Daily Mail bylines "by", "published :"),
-  counted as `dropped_short_sentences`. Whole sentences are then packed while
-  they fit in `seq_len` and `max_sentences`; the rest of a longer document is
-  dropped and counted (`truncated_documents`, `dropped_sentences`). Oracle
-  labels are computed on the whole (filtered) document and kept for the
-  sentences that fit.
+  As PreSumm: the oracle is computed on the document's first 100 sentences, then
+  sentences of at most `min_sentence_tokens` tokens are dropped (Daily Mail bylines
+  "by", "published :"; counted as `dropped_short_sentences`) and the oracle's labels
+  follow the sentences kept; in training, documents left with fewer than 3
+  sentences are skipped (`skipped_short_documents`). Whole sentences are then packed
+  while they fit in `seq_len` and `max_sentences`; the rest of a longer document is
+  dropped and counted (`truncated_documents`, `dropped_sentences`).
   """
   report = report if report is not None else collections.Counter()
   cls_id, sep_id, pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
   rows = collections.defaultdict(list)
   meta = []
-  for src, tgt in docs:
-    kept_src = [s for s in src if len(s) >= min_sentence_words]
-    report["dropped_short_sentences"] += len(src) - len(kept_src)
-    src = kept_src
-    oracle = rouge.greedy_oracle(src, [t for s in tgt for t in s], oracle_sentences)
+  for full_src, tgt in docs:
+    oracle_all = rouge.greedy_oracle(full_src[:ORACLE_SOURCE_SENTENCES], tgt, oracle_sentences)
+    keep = [i for i, s in enumerate(full_src) if len(s) > min_sentence_tokens]
+    report["dropped_short_sentences"] += len(full_src) - len(keep)
+    if training and len(keep) < MIN_TRAIN_SENTENCES:
+      report["skipped_short_documents"] += 1
+      continue
+    src = [full_src[i] for i in keep]
+    oracle = [n for n, i in enumerate(keep) if i in oracle_all]  # indices into `src`
     ids, segs, cls_pos, kept = [], [], [], []
     for i, sent in enumerate(src):
       pieces = tokenizer.encode(" ".join(sent))
@@ -210,9 +223,11 @@ def featurize(docs, tokenizer, seq_len: int, max_sentences: int, max_sentence_to
     rows["sentence_mask"].append([1] * len(kept) + [0] * spad)
     rows["labels"].append([float(i in oracle) for i in kept] + [0.0] * spad)
     meta.append({"sentences": [src[i] for i in kept], "all_sentences": src, "oracle": oracle,
-                 "reference": " ".join(" ".join(s) for s in tgt)})
+                 "oracle_all": [full_src[i] for i in oracle_all],
+                 "reference": [" ".join(s) for s in tgt]})
   if not meta:
-    raise ValueError("no BERTSUM rows: every document was skipped (see the report)")
+    raise ValueError("no BERTSUM rows: every document was skipped ("
+                     + ", ".join(f"{k}={v}" for k, v in sorted(report.items())) + ")")
   arrays = {k: np.asarray(v, np.float32 if k == "labels" else np.int32) for k, v in rows.items()}
   report["rows"] = len(meta)
   return Features(arrays, meta, dict(report))
@@ -336,10 +351,38 @@ def make_optimizer(encoder_lr: float, encoder_warmup: int, new_lr: float, new_wa
 
 # --- the task ----------------------------------------------------------------------------
 
-_DEFAULTS = dict(inter_layers=2, max_sentences=64, max_sentence_tokens=200, min_sentence_words=5,
-                 oracle_sentences=3,
-                 select_sentences=3, trigram_blocking=True, separate_optimizers=True,
-                 encoder_lr=2e-3, encoder_warmup=20000, new_lr=0.1, new_warmup=10000)
+def extend_config(c) -> None:
+  """Declare config.bertsum (and the data files) on a fine-tuning config: the one place they are set."""
+  import ml_collections
+
+  with c.unlocked():
+    c.data.train_file = ""  # BertSum JSON (list of {src, tgt}) file or glob; raw {article, highlights} too
+    c.data.eval_file = ""  # the same for evaluation
+    c.bertsum = ml_collections.ConfigDict()
+    c.bertsum.inter_layers = 2  # inter-sentence Transformer layers over the [CLS] vectors
+    c.bertsum.max_sentences = 64  # sentence slots per document (longer documents truncated, counted)
+    c.bertsum.max_sentence_tokens = 200  # sub-tokens kept per sentence
+    c.bertsum.min_sentence_tokens = 5  # sentences of at most this many tokens dropped, counted (PreSumm)
+    c.bertsum.oracle_sentences = 3  # greedy ROUGE oracle size (labels)
+    c.bertsum.select_sentences = 3  # sentences in a predicted summary
+    c.bertsum.trigram_blocking = True  # skip sentences sharing a trigram with the summary so far
+    c.bertsum.document_order = False  # write the summary in document order (PreSumm: score order)
+    c.bertsum.separate_optimizers = True  # encoder and new layers: separate Adams + Noam schedules
+    c.bertsum.encoder_lr = 2e-3  # Noam scale for the encoder
+    c.bertsum.encoder_warmup = 20000  # Noam warmup steps for the encoder
+    c.bertsum.new_lr = 0.1  # Noam scale for the inter-sentence layers and scorer
+    c.bertsum.new_warmup = 10000  # Noam warmup steps for the new layers
+
+
+def validate_config(config) -> None:
+  b = config.bertsum
+  for key in ("inter_layers", "max_sentences", "max_sentence_tokens", "oracle_sentences", "select_sentences",
+              "encoder_warmup", "new_warmup"):
+    if not isinstance(b[key], int) or b[key] <= 0:
+      raise ValueError(f"invalid config: config.bertsum.{key}={b[key]!r} must be a positive integer")
+  if not isinstance(b.min_sentence_tokens, int) or b.min_sentence_tokens < 0:
+    raise ValueError(f"invalid config: config.bertsum.min_sentence_tokens={b.min_sentence_tokens!r} must be "
+                     f"a non-negative integer")
 
 
 class BertSumTask(Task):
@@ -351,20 +394,20 @@ class BertSumTask(Task):
 
   def __init__(self, config):
     super().__init__(config)
-    group = config.get("bertsum") if hasattr(config, "get") else None
-    self.hp = {k: (group[k] if group is not None and k in group else v) for k, v in _DEFAULTS.items()}
+    self.hp = config.bertsum
 
   def load(self, split: str, tokenizer, seq_len: int) -> Features:
     if split not in self.splits:
       raise ValueError(f"BERTSUM has splits {self.splits}, not {split!r}")
     key = "train_file" if split == "train" else "eval_file"
-    pattern = self.config.data.get(key, "")
+    pattern = self.config.data[key]
     if not pattern:
       raise ValueError(f"config.data.{key} is empty: give a BertSum JSON file or glob")
     report = collections.Counter()
     docs = load_documents(pattern, report)
     return featurize(docs, tokenizer, seq_len, self.hp["max_sentences"], self.hp["max_sentence_tokens"],
-                     self.hp["oracle_sentences"], self.hp["min_sentence_words"], report)
+                     self.hp["oracle_sentences"], self.hp["min_sentence_tokens"], training=split == "train",
+                     report=report)
 
   def build_model(self, encoder_cfg: BertConfig) -> nn.Module:
     return BertSumExt(encoder_cfg, inter_layers=int(self.hp["inter_layers"]))
@@ -379,31 +422,33 @@ class BertSumTask(Task):
       n = len(m["sentences"])
       chosen = rouge.select_with_trigram_blocking(m["sentences"], logits[row, :n],
                                                   int(self.hp["select_sentences"]),
-                                                  bool(self.hp["trigram_blocking"]))
-      preds.append({"selected": chosen, "summary": " ".join(" ".join(m["sentences"][i]) for i in chosen)})
+                                                  bool(self.hp["trigram_blocking"]),
+                                                  bool(self.hp["document_order"]))
+      preds.append({"selected": chosen, "summary": [" ".join(m["sentences"][i]) for i in chosen]})
     return preds
 
-  def evaluate(self, predictions, features) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 (×100) of the model, and of the oracle and lead-3 for reference."""
+  def evaluate(self, predictions, features, calibration=None) -> dict[str, float]:
+    """Mean ROUGE-1/2/Lsum F1 (×100, rouge-score) of the model, and of the oracle and lead-3 for reference."""
     k = int(self.hp["select_sentences"])
+    keys = ("rouge_1", "rouge_2", "rouge_lsum")
     systems = collections.defaultdict(list)
     for p, m in zip(predictions, features.meta):
       ref = m["reference"]
       systems[""].append(rouge.rouge(p["summary"], ref))
-      systems["oracle_"].append(rouge.rouge([t for i in m["oracle"] for t in m["all_sentences"][i]], ref))
-      systems["lead3_"].append(rouge.rouge([t for s in m["all_sentences"][:k] for t in s], ref))
+      systems["oracle_"].append(rouge.rouge([" ".join(s) for s in m["oracle_all"]], ref))
+      systems["lead3_"].append(rouge.rouge([" ".join(s) for s in m["all_sentences"][:k]], ref))
     out = {}
     for prefix, scores in systems.items():
-      for key in ("rouge_1", "rouge_2", "rouge_l"):
+      for key in keys:
         out[prefix + key] = 100.0 * float(np.mean([s[key] for s in scores]))
-      out[prefix + "rouge_mean"] = float(np.mean([out[prefix + k] for k in ("rouge_1", "rouge_2", "rouge_l")]))
+      out[prefix + "rouge_mean"] = float(np.mean([out[prefix + k] for k in keys]))
     return out
 
-  def write_predictions(self, predictions, features, path_prefix: str) -> list[str]:
+  def write_predictions(self, predictions, features, path_prefix: str, best=None) -> list[str]:
     path = f"{path_prefix}_summaries.jsonl"
     with open(path, "w") as f:
       for p, m in zip(predictions, features.meta):
-        f.write(json.dumps({**p, "reference": m["reference"]}) + "\n")
+        f.write(json.dumps({**p, "reference": m["reference"]}) + "\n")  # summary/reference: sentence lists
     return [path]
 
   def optimizer(self, config, num_steps: int):
@@ -416,4 +461,8 @@ class BertSumTask(Task):
 
 
 def make_task(config) -> BertSumTask:
+  if "bertsum" not in config:
+    raise ValueError("config.bertsum is missing: build the config with finetune_config('bertsum') "
+                     "(experiments/bertsum.py does)")
+  validate_config(config)
   return BertSumTask(config)

@@ -17,7 +17,11 @@ Files are GLUE's TSVs (https://gluebenchmark.com/tasks), read as plain
 tab-separated lines (no quoting: MRPC and SST-2 text contains bare quotes). Rows
 with the wrong number of columns or an unknown/non-numeric label are counted and
 skipped. Test predictions are written in the GLUE submission format
-(`<TASK>.tsv` with columns index, prediction).
+(`<TASK>.tsv` with columns index, prediction; the index is the test file's own
+`index` or `id` column, so a skipped row never shifts the others). MNLI's model
+also predicts the mismatched test set (`MNLI-mm.tsv`) and the diagnostic set
+AX (`AX.tsv`, from GLUE's diagnostic/diagnostic.tsv), as the GLUE server expects;
+`tools/glue_submission.py` zips the eleven files.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ from spanlm.tasks.base import Features, Task, masked_sum
 @dataclasses.dataclass(frozen=True)
 class GlueSpec:
   directory: str  # GLUE's directory name
-  submission: str  # file name stem of the GLUE submission file
+  submission: str  # file name stem of the GLUE submission file for the test split
   text: tuple  # column names (or indices for headerless files) of sentence a [and b]
   label: str | int  # label column
   labels: tuple = ("0", "1")  # label strings in class-id order; () = regression
   metric: str = "accuracy"
   header: bool = True  # train/dev files have a header row (CoLA's do not)
   files: tuple = (("train", "train.tsv"), ("dev", "dev.tsv"), ("test", "test.tsv"))
+  extra_submissions: tuple = ()  # (split, stem) of other unlabelled splits the server expects
 
   @property
   def regression(self) -> bool:
@@ -62,7 +67,9 @@ TASKS = {
                      labels=("contradiction", "entailment", "neutral"),
                      files=(("train", "train.tsv"), ("dev", "dev_matched.tsv"), ("test", "test_matched.tsv"),
                             ("dev_mismatched", "dev_mismatched.tsv"),
-                            ("test_mismatched", "test_mismatched.tsv"))),
+                            ("test_mismatched", "test_mismatched.tsv"),
+                            ("ax", os.path.join("..", "diagnostic", "diagnostic.tsv"))),
+                     extra_submissions=(("test_mismatched", "MNLI-mm"), ("ax", "AX"))),
     "qnli": GlueSpec("QNLI", "QNLI", ("question", "sentence"), "label", labels=_NLI),
     "rte": GlueSpec("RTE", "RTE", ("sentence1", "sentence2"), "label", labels=_NLI),
     "wnli": GlueSpec("WNLI", "WNLI", ("sentence1", "sentence2"), "label"),
@@ -98,22 +105,10 @@ def pearson(x, y) -> float:
   return float(np.sum(x * y) / denom) if denom else 0.0
 
 
-def rankdata(x) -> np.ndarray:
-  """1-based ranks, ties sharing their average rank."""
-  x = np.asarray(x)
-  order = np.argsort(x, kind="stable")
-  sorted_x = x[order]
-  ranks = np.empty(len(x), np.float64)
-  start = 0
-  for end in range(1, len(x) + 1):
-    if end == len(x) or sorted_x[end] != sorted_x[start]:
-      ranks[order[start:end]] = (start + end + 1) / 2.0  # mean of ranks start+1 .. end
-      start = end
-  return ranks
-
-
 def spearman(x, y) -> float:
-  return pearson(rankdata(x), rankdata(y))
+  """Pearson of the ranks, ties sharing their average rank (scipy.stats.rankdata)."""
+  from scipy import stats
+  return pearson(stats.rankdata(x), stats.rankdata(y))
 
 
 def glue_metrics(spec: GlueSpec, pred, gold) -> dict[str, float]:
@@ -130,8 +125,15 @@ def glue_metrics(spec: GlueSpec, pred, gold) -> dict[str, float]:
 # --- reading and encoding ------------------------------------------------------------------------
 def read_tsv(path: str, spec: GlueSpec, labelled: bool, report: dict) -> list[dict]:
   """Rows as {'texts': [...], 'label': str|None, 'index': str}; bad rows counted in `report`."""
-  with open(path, encoding="utf-8-sig") as f:
-    lines = f.read().split("\n")
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path} line {line}: byte 0x{raw[e.start]:02X} is not UTF-8; GLUE files are UTF-8 "
+                     f"(re-download the file or convert it, e.g. iconv -f latin1 -t utf-8)") from None
+  lines = text.split("\n")
   if lines and lines[-1] == "":
     lines.pop()
   # Test files always have a header (index, text columns); CoLA's train/dev do not.
@@ -149,7 +151,8 @@ def read_tsv(path: str, spec: GlueSpec, labelled: bool, report: dict) -> list[di
 
   text_cols = [col(c) for c in spec.text]
   label_col = col(spec.label) if labelled else None
-  index_col = header.index("index") if header and "index" in header else None
+  # The test files' own id column (QQP's is `id`), so a skipped row shifts no other id.
+  index_col = next((header.index(c) for c in ("index", "id") if header and c in header), None)
   width = len(header) if header else None
   rows = []
   for n, line in enumerate(body):
@@ -173,7 +176,7 @@ def read_tsv(path: str, spec: GlueSpec, labelled: bool, report: dict) -> list[di
                           "a number" if spec.regression else f"one of {spec.labels}")
         continue
     rows.append({"texts": [fields[c] for c in text_cols], "label": label,
-                 "index": fields[index_col] if index_col is not None else str(len(rows))})
+                 "index": fields[index_col] if index_col is not None else str(n)})
   return rows
 
 
@@ -238,8 +241,24 @@ class GlueTask(Task):
                               f"--config.task.data_dir=PATH/{self.spec.directory} or set GLUE_DIR")
     return d
 
+  length_keys = ("input_ids", "segment_ids", "attention_mask")
+
   def has_labels(self, split: str) -> bool:
-    return not split.startswith("test")
+    return not split.startswith("test") and split != "ax"
+
+  def predict_splits(self) -> tuple[str, ...]:
+    split = self.config.task.predict_split
+    if split == "test":  # every file the GLUE server expects from this task's model
+      return ("test",) + tuple(s for s, _ in self.spec.extra_submissions)
+    return (split,) if split else ()
+
+  def prediction_dir(self, split: str) -> str:
+    return "predictions_test" if split == "test" or dict(self.spec.extra_submissions).get(split) \
+        else f"predictions_{split}"
+
+  def submission_stem(self, split: str) -> str:
+    return dict(self.spec.extra_submissions).get(split) or (self.spec.submission if split == "test" else
+                                                            f"{self.spec.submission}_{split}")
 
   def load(self, split: str, tokenizer, seq_len: int) -> Features:
     files = dict(self.spec.files)
@@ -267,7 +286,7 @@ class GlueTask(Task):
               "skipped_bad_label": report.get("skipped_bad_label", 0), "truncated": truncated}
     if tokenizer.num_oov_ids > oov_before:
       report["unk_out_of_vocab_ids"] = tokenizer.num_oov_ids - oov_before
-    return Features(arrays, meta={"index": [r["index"] for r in rows]}, report=report)
+    return Features(arrays, meta={"index": [r["index"] for r in rows], "split": split}, report=report)
 
   def build_model(self, encoder_cfg: BertConfig) -> nn.Module:
     cfg = dataclasses.replace(encoder_cfg, use_pooler=True)
@@ -286,12 +305,12 @@ class GlueTask(Task):
     logits = outputs["logits"]
     return logits[:, 0] if self.spec.regression else np.argmax(logits, axis=-1)
 
-  def evaluate(self, predictions, features):
+  def evaluate(self, predictions, features, calibration=None):
     return glue_metrics(self.spec, predictions, features.arrays["labels"])
 
-  def write_predictions(self, predictions, features, path_prefix):
+  def write_predictions(self, predictions, features, path_prefix, best=None):
     os.makedirs(path_prefix, exist_ok=True)
-    path = os.path.join(path_prefix, f"{self.spec.submission}.tsv")
+    path = os.path.join(path_prefix, f"{self.submission_stem(features.meta['split'])}.tsv")
     with open(path, "w") as f:
       f.write("index\tprediction\n")
       for index, p in zip(features.meta["index"], predictions):

@@ -1,117 +1,108 @@
-"""ROUGE-N and ROUGE-L (Lin 2004), the greedy extractive oracle and trigram blocking.
+"""BERTSUM's n-gram pieces as PreSumm has them, and reported ROUGE through `rouge-score`.
 
-Texts are lower-cased and tokenized into runs of letters/digits (no stemming,
-no stop-word removal), so scores are close to but not identical with the Perl
-ROUGE-1.5.5 used in papers (which stems with Porter's stemmer and computes
-summary-level ROUGE-L as a union LCS over sentences).
+Our own n-gram code is only what PreSumm itself computes (nlpyang/PreSumm):
 
-  ROUGE-N: P = |C ∩ R| / |C|, R = |C ∩ R| / |R| over multisets of n-grams
-           (counts clipped), F = 2PR / (P + R).
-  ROUGE-L: P = LCS(c, r) / |c|, R = LCS(c, r) / |r|, F = 2PR / (P + R)
-           over the whole token sequences (β = 1).
+Greedy oracle (`src/prepro/data_builder.py::greedy_selection`; Nallapati et al. 2017,
+Liu & Lapata 2019 §4.1). Each sentence and the joined reference are cleaned with
+`re.sub(r'[^a-zA-Z0-9 ]', '', text)` (punctuation and non-ASCII letters removed inside
+tokens: "u.s." -> "us") and split on spaces; PreSumm lower-cases the text before
+(`format_to_lines`, --lower), so `clean` lower-cases too. ROUGE-N here is over *sets*
+of n-grams,
 
-Greedy oracle (Nallapati et al. 2017; Liu & Lapata 2019, §4.1): starting
-from the empty summary, repeatedly add the sentence that most increases
-ROUGE-1 F + ROUGE-2 F of the summary against the reference; stop when no
-sentence increases it or `max_sentences` are selected.
+  P = |C ∩ R| / |C|,  R = |C ∩ R| / |R|,  F = 2PR / (P + R + 1e-8),
 
-Trigram blocking (Paulus et al. 2018; Liu & Lapata 2019, §4.1): going down
-the sentences by score, skip a sentence that shares a trigram with the
-summary so far.
+with C the union of the selected sentences' n-gram sets. Starting from nothing, add the
+sentence that most raises F1(1-grams) + F1(2-grams) (strictly; ties to the earlier
+sentence); stop when none does or `max_sentences` are chosen. Indices in document order.
+
+Trigram blocking (`src/models/trainer_ext.py::test`; Paulus et al. 2018): going down the
+sentences by score, skip one whose whitespace-token trigram set meets that of any
+sentence already chosen, until `k` are chosen. PreSumm writes the summary in that score
+order (ROUGE-L depends on the order); `document_order=True` sorts it instead.
+
+Reported ROUGE: Google's `rouge-score` package (`pip install rouge-score`, the
+`summarization` extra), ROUGE-1/2 and ROUGE-Lsum F1 with the Porter stemmer and
+sentences on separate lines: the reimplementation of ROUGE-1.5.5 `-m` (stemming) with
+summary-level LCS that papers report.
 """
 
 from __future__ import annotations
 
-import collections
 import re
 
-_TOKEN = re.compile(r"[a-z0-9]+")
+_CLEAN = re.compile(r"[^a-zA-Z0-9 ]")
 
 
-def tokenize(text: str | list[str]) -> list[str]:
-  """Lower-cased runs of [a-z0-9]; a list of tokens is joined first."""
-  if not isinstance(text, str):
-    text = " ".join(text)
-  return _TOKEN.findall(text.lower())
+def clean(tokens: list[str]) -> list[str]:
+  """PreSumm's `_rouge_clean` of a lower-cased sentence, split on spaces."""
+  return _CLEAN.sub("", " ".join(tokens).lower()).split()
 
 
-def ngrams(tokens: list[str], n: int) -> collections.Counter:
-  return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+def ngram_set(tokens: list[str], n: int) -> set[tuple[str, ...]]:
+  return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
 
 
-def _prf(overlap: float, n_cand: int, n_ref: int) -> dict[str, float]:
-  p = overlap / n_cand if n_cand else 0.0
-  r = overlap / n_ref if n_ref else 0.0
-  return {"p": p, "r": r, "f": 2 * p * r / (p + r) if p + r else 0.0}
+def set_f1(candidate: set, reference: set) -> float:
+  """PreSumm's `cal_rouge` F: over n-gram sets, with +1e-8 in the denominator."""
+  overlap = len(candidate & reference)
+  p = overlap / len(candidate) if candidate else 0.0
+  r = overlap / len(reference) if reference else 0.0
+  return 2.0 * (p * r) / (p + r + 1e-8)
 
 
-def rouge_n(candidate: list[str], reference: list[str], n: int) -> dict[str, float]:
-  c, r = ngrams(candidate, n), ngrams(reference, n)
-  return _prf(sum((c & r).values()), sum(c.values()), sum(r.values()))
-
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-  """Length of the longest common subsequence (O(|a|·|b|) dynamic programme, one row kept)."""
-  if len(a) < len(b):
-    a, b = b, a
-  prev = [0] * (len(b) + 1)
-  for x in a:
-    cur = [0]
-    for j, y in enumerate(b):
-      cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-    prev = cur
-  return prev[-1]
-
-
-def rouge_l(candidate: list[str], reference: list[str]) -> dict[str, float]:
-  return _prf(lcs_length(candidate, reference), len(candidate), len(reference))
-
-
-def rouge(candidate: str | list[str], reference: str | list[str]) -> dict[str, float]:
-  """{'rouge_1', 'rouge_2', 'rouge_l'}: F1 scores in [0, 1] of two texts (or token lists)."""
-  c, r = tokenize(candidate), tokenize(reference)
-  return {"rouge_1": rouge_n(c, r, 1)["f"], "rouge_2": rouge_n(c, r, 2)["f"],
-          "rouge_l": rouge_l(c, r)["f"]}
-
-
-def greedy_oracle(sentences: list[list[str]], reference: list[str], max_sentences: int = 3) -> list[int]:
-  """Indices (in document order) of the greedy ROUGE-1+2 oracle summary; see the module docstring."""
-  sents = [tokenize(s) for s in sentences]
-  ref = tokenize(reference)
-  selected, summary, best = [], [], 0.0
+def greedy_oracle(sentences: list[list[str]], reference: list[list[str]], max_sentences: int = 3) -> list[int]:
+  """Indices (document order) of PreSumm's greedy ROUGE-1+2 oracle; `reference`: its sentences."""
+  ref = clean([t for s in reference for t in s])
+  ref1, ref2 = ngram_set(ref, 1), ngram_set(ref, 2)
+  sents = [clean(s) for s in sentences]
+  grams1, grams2 = [ngram_set(s, 1) for s in sents], [ngram_set(s, 2) for s in sents]
+  selected, best = [], 0.0
   for _ in range(max_sentences):
-    gains = []
-    for i, s in enumerate(sents):
+    cur_best, cur_id = best, -1
+    for i in range(len(sents)):
       if i in selected:
         continue
-      cand = summary + s
-      gains.append((rouge_n(cand, ref, 1)["f"] + rouge_n(cand, ref, 2)["f"], -i))
-    if not gains:
+      c = selected + [i]
+      score = set_f1(set().union(*(grams1[j] for j in c)), ref1) + \
+          set_f1(set().union(*(grams2[j] for j in c)), ref2)
+      if score > cur_best:
+        cur_best, cur_id = score, i
+    if cur_id == -1:
       break
-    score, neg_i = max(gains)
-    if score <= best:
-      break
-    best = score
-    selected.append(-neg_i)
-    summary = summary + sents[-neg_i]
+    selected.append(cur_id)
+    best = cur_best
   return sorted(selected)
 
 
-def trigrams(tokens: list[str]) -> set[tuple[str, ...]]:
-  return set(ngrams(tokens, 3))
-
-
-def select_with_trigram_blocking(sentences: list[list[str]], scores, k: int = 3,
-                                 block: bool = True) -> list[int]:
-  """Top-k sentence indices by score, skipping any that repeats a trigram of those chosen; document order."""
+def select_with_trigram_blocking(sentences: list[list[str]], scores, k: int = 3, block: bool = True,
+                                 document_order: bool = False) -> list[int]:
+  """Indices of the top-k sentences by score, skipping any that shares a trigram with one already
+  chosen (PreSumm); in score order, or in document order with `document_order`."""
   order = sorted(range(len(sentences)), key=lambda i: (-float(scores[i]), i))
-  chosen, seen = [], set()
+  chosen = []
   for i in order:
-    tri = trigrams(tokenize(sentences[i]))
-    if block and tri & seen:
+    tri = ngram_set([t.lower() for t in sentences[i]], 3)
+    if block and any(tri & ngram_set([t.lower() for t in sentences[j]], 3) for j in chosen):
       continue
     chosen.append(i)
-    seen |= tri
     if len(chosen) == k:
       break
-  return sorted(chosen)
+  return sorted(chosen) if document_order else chosen
+
+
+_SCORER = None
+
+
+def rouge(candidate: list[str], reference: list[str]) -> dict[str, float]:
+  """{'rouge_1', 'rouge_2', 'rouge_lsum'}: F1 in [0, 1] of a candidate and a reference, each a list
+  of sentences (rouge-score, Porter stemmer, ROUGE-Lsum over the sentences)."""
+  global _SCORER
+  if _SCORER is None:
+    try:
+      from rouge_score import rouge_scorer
+    except ImportError:
+      raise ImportError("reported ROUGE needs the rouge-score package: pip install rouge-score "
+                        "(or pip install -e '.[summarization]')") from None
+    _SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"], use_stemmer=True)
+  s = _SCORER.score("\n".join(reference), "\n".join(candidate))  # (target, prediction)
+  return {"rouge_1": s["rouge1"].fmeasure, "rouge_2": s["rouge2"].fmeasure, "rouge_lsum": s["rougeLsum"].fmeasure}

@@ -48,7 +48,7 @@ import numpy as np
 
 from spanlm.models.bert import BertConfig, BertEncoder, dense
 from spanlm.tasks import squad_metrics
-from spanlm.tasks.base import Features, Task, masked_sum
+from spanlm.tasks.base import Features, Progress, Task, masked_sum
 
 
 # --- data --------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class WindowMeta:
 
 def featurize(examples: list[Example], tokenizer, max_seq_len: int, doc_stride: int = 128,
               max_query_len: int = 64, training: bool = False,
-              report: collections.Counter | None = None) -> Features:
+              report: collections.Counter | None = None, name: str = "SQuAD") -> Features:
   """Examples -> one row per (example, window), BERT's run_squad layout.
 
   In training, rows of an answerable question whose answer was not found in
@@ -274,10 +274,12 @@ def featurize(examples: list[Example], tokenizer, max_seq_len: int, doc_stride: 
   """
   report = report if report is not None else collections.Counter()
   cls_id, sep_id, pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
+  progress = Progress(f"{name}: tokenizing", len(examples), "questions")
   rows = collections.defaultdict(list)
   meta = []
   context_cache = {}
   for n, ex in enumerate(examples):
+    progress.update(n)
     if training and not ex.is_impossible and ex.answer_start < 0:
       report["skipped_answer_not_found"] += 1
       continue
@@ -316,9 +318,12 @@ def featurize(examples: list[Example], tokenizer, max_seq_len: int, doc_stride: 
       rows["start_positions"].append(start_pos)
       rows["end_positions"].append(end_pos)
       meta.append(WindowMeta(n, offsets, maxc))
+  progress.update(len(examples))
+  progress.done()
   arrays = {k: np.asarray(v, np.int32) for k, v in rows.items()}
   if not meta:
-    raise ValueError("no SQuAD rows: every question was skipped (see the report)")
+    raise ValueError("no SQuAD rows: every question was skipped ("
+                     + ", ".join(f"{k}={v}" for k, v in sorted(report.items())) + ")")
   report["rows"] = len(meta)
   report["examples"] = len(examples)
   return Features(arrays, {"windows": meta, "examples": examples}, dict(report))
@@ -430,10 +435,40 @@ def span_loss(outputs, batch):
 
 # --- the task ----------------------------------------------------------------------------
 
-def _cfg(config, key, default):
-  """config.squad.<key> if the config has it, else the default (so tests can pass a tiny config)."""
-  group = config.get("squad") if hasattr(config, "get") else None
-  return group[key] if group is not None and key in group else default
+def extend_config(c) -> None:
+  """Declare config.squad (and the data files) on a fine-tuning config: the one place they are set."""
+  import ml_collections
+
+  with c.unlocked():
+    c.data.train_file = ""  # SQuAD train JSON (or the one file split by article)
+    c.data.eval_file = ""  # SQuAD dev JSON scored by the official rules
+    c.squad = ml_collections.ConfigDict()
+    c.squad.version = "1.1"  # 1.1 | 2.0 (null answers, threshold tuned on dev)
+    c.squad.doc_stride = 128  # tokens between the starts of consecutive context windows
+    c.squad.max_query_len = 64  # question tokens kept (longer questions are truncated, counted)
+    c.squad.max_answer_length = 30  # longest answer span in tokens
+    c.squad.n_best = 20  # candidate spans kept per window and per question
+    c.squad.split_by_article = False  # train/eval from one file split 80/20 by article title
+    c.squad.eval_fraction = 0.2  # share of articles held out when split_by_article
+    c.squad.max_eval_examples = 0  # cap on evaluated questions, first N (0 = all); for CPU runs
+    c.squad.threshold_from = "eval"  # v2.0 null threshold tuned on: eval (BERT: the dev set itself) |
+    #                                   train_holdout (held-out training articles, never trained on)
+    c.squad.threshold_holdout_fraction = 0.1  # share of training articles held out for train_holdout
+
+
+def validate_config(config) -> None:
+  s = config.squad
+  if str(s.version) not in ("1.1", "2.0"):
+    raise ValueError(f"invalid config: config.squad.version={s.version!r}; use '1.1' or '2.0'")
+  if s.threshold_from not in ("eval", "train_holdout"):
+    raise ValueError(f"invalid config: config.squad.threshold_from={s.threshold_from!r}; use 'eval' or "
+                     f"'train_holdout'")
+  for key in ("eval_fraction", "threshold_holdout_fraction"):
+    if not 0.0 < s[key] < 1.0:
+      raise ValueError(f"invalid config: config.squad.{key}={s[key]} must be in (0, 1)")
+  for key in ("doc_stride", "max_query_len", "max_answer_length", "n_best"):
+    if not isinstance(s[key], int) or s[key] <= 0:
+      raise ValueError(f"invalid config: config.squad.{key}={s[key]!r} must be a positive integer")
 
 
 class SquadTask(Task):
@@ -446,25 +481,31 @@ class SquadTask(Task):
 
   name = "squad"
   metric = "f1"
-  splits = ("train", "dev")
+  splits = ("train", "dev", "threshold_holdout")
 
-  def __init__(self, config, version: str = "1.1"):
+  def __init__(self, config):
     super().__init__(config)
-    self.version = version
-    self.v2 = version.startswith("2")
-    self.name = f"squad_v{version}"
-    self.doc_stride = int(_cfg(config, "doc_stride", 128))
-    self.max_query_len = int(_cfg(config, "max_query_len", 64))
-    self.max_answer_length = int(_cfg(config, "max_answer_length", 30))
-    self.n_best = int(_cfg(config, "n_best", 20))
-    self.split_by_article = bool(_cfg(config, "split_by_article", False))
-    self.eval_fraction = float(_cfg(config, "eval_fraction", 0.2))
-    self.max_eval_examples = int(_cfg(config, "max_eval_examples", 0))
-    self.threshold = None  # v2.0 null-odds threshold, tuned on dev by `evaluate`
+    s = config.squad
+    self.version = str(s.version)
+    self.v2 = self.version.startswith("2")
+    self.name = f"squad_v{self.version}"
+    self.doc_stride = int(s.doc_stride)
+    self.max_query_len = int(s.max_query_len)
+    self.max_answer_length = int(s.max_answer_length)
+    self.n_best = int(s.n_best)
+    self.split_by_article = bool(s.split_by_article)
+    self.eval_fraction = float(s.eval_fraction)
+    self.max_eval_examples = int(s.max_eval_examples)
+    self.holdout = self.v2 and s.threshold_from == "train_holdout"
+    self.holdout_fraction = float(s.threshold_holdout_fraction)
+
+  def calibration_split(self) -> str | None:
+    return "threshold_holdout" if self.holdout else None
 
   def _file(self, split):
     data = self.config.data
-    train_file, eval_file = data.get("train_file", ""), data.get("eval_file", "")
+    train_file, eval_file = data.train_file, data.eval_file
+    split = "train" if split == "threshold_holdout" else split
     if self.split_by_article:
       path = train_file or eval_file
       if not path:
@@ -484,6 +525,8 @@ class SquadTask(Task):
     raw = read_squad_json(path)
     if part is not None:
       raw = split_articles(raw, part, self.eval_fraction)
+    if split in ("train", "threshold_holdout") and self.holdout:  # held-out training articles
+      raw = split_articles(raw, "train" if split == "train" else "eval", self.holdout_fraction)
     examples = parse_squad(raw, report)
     if split != "train" and self.max_eval_examples:
       report["eval_examples_capped_from"] = len(examples)
@@ -492,7 +535,7 @@ class SquadTask(Task):
       raw = _restrict(raw, kept)
     report["articles"] = len(raw["data"])
     features = featurize(examples, tokenizer, seq_len, self.doc_stride, self.max_query_len,
-                         training=split == "train", report=report)
+                         training=split == "train", report=report, name=f"SQuAD {split}")
     features.meta["dataset"] = raw
     return features
 
@@ -506,7 +549,7 @@ class SquadTask(Task):
     return decode(np.asarray(outputs["start_logits"]), np.asarray(outputs["end_logits"]), features,
                   self.max_answer_length, self.n_best)
 
-  def evaluate(self, predictions, features) -> dict[str, float]:
+  def evaluate(self, predictions, features, calibration=None) -> dict[str, float]:
     dataset = features.meta["dataset"]
     if len(predictions) < len(features.meta["examples"]):  # rows were capped: score what was predicted
       dataset = _restrict(dataset, set(predictions))
@@ -516,19 +559,29 @@ class SquadTask(Task):
     odds = {q: d["null_odds"] for q, d in predictions.items()}
     result = squad_metrics.evaluate(dataset, {q: d["text"] for q, d in predictions.items()},
                                     na_probs=odds, na_threshold=0.0, v2=True)
-    # The threshold is tuned on this split (as BERT does on dev); say so in the metric names.
-    self.threshold = float(result["best_f1_thresh"])
-    tuned = squad_metrics.evaluate(dataset, answers_at_threshold(predictions, self.threshold), v2=True)
-    out = {"exact_match": tuned["exact_match"], "f1": tuned["f1"], "null_threshold": self.threshold,
+    # The threshold is tuned on this split (as BERT does on dev), or on held-out training
+    # questions (`calibration`), and belongs to this evaluation: it is returned with its
+    # metrics, and write_predictions takes it from the best one.
+    threshold = float(result["best_f1_thresh"])
+    if calibration is not None:
+      cal_predictions, cal_features = calibration
+      cal = squad_metrics.evaluate(cal_features.meta["dataset"],
+                                   {q: d["text"] for q, d in cal_predictions.items()},
+                                   na_probs={q: d["null_odds"] for q, d in cal_predictions.items()},
+                                   na_threshold=0.0, v2=True)
+      threshold = float(cal["best_f1_thresh"])
+    tuned = squad_metrics.evaluate(dataset, answers_at_threshold(predictions, threshold), v2=True)
+    out = {"exact_match": tuned["exact_match"], "f1": tuned["f1"], "null_threshold": threshold,
            "exact_match_at_0": result["exact_match"], "f1_at_0": result["f1"]}
     out.update({k: float(v) for k, v in tuned.items() if k.startswith(("HasAns", "NoAns"))})
     return out
 
-  def write_predictions(self, predictions, features, path_prefix: str) -> list[str]:
-    """PREFIX.json {qid: answer} (v2.0: "" above the tuned threshold, 0 if none was tuned),
+  def write_predictions(self, predictions, features, path_prefix: str, best: dict | None = None) -> list[str]:
+    """PREFIX.json {qid: answer} (v2.0: "" where the null odds exceed `best['null_threshold']`, the
+    threshold tuned in the evaluation the params come from; 0 if there was none),
     PREFIX_nbest.json, PREFIX_gold.json (the SQuAD-format questions predicted, for
     tools/squad_eval.py) and, for v2.0, PREFIX_null_odds.json."""
-    threshold = (self.threshold if self.threshold is not None else 0.0) if self.v2 else None
+    threshold = float((best or {}).get("null_threshold", 0.0)) if self.v2 else None
     dataset = features.meta["dataset"]
     if len(predictions) < len(features.meta["examples"]):
       dataset = _restrict(dataset, set(predictions))
@@ -561,7 +614,8 @@ def _restrict(dataset: dict, qids: set[str]) -> dict:
 
 def make_task(config) -> SquadTask:
   """`config.task.name='squad'`; the version comes from config.squad.version ('1.1' or '2.0')."""
-  version = str(_cfg(config, "version", "1.1"))
-  if version not in ("1.1", "2.0"):
-    raise ValueError(f"invalid config: config.squad.version={version!r}; use '1.1' or '2.0'")
-  return SquadTask(config, version)
+  if "squad" not in config:
+    raise ValueError("config.squad is missing: build the config with finetune_config('squad') "
+                     "(experiments/squad.py does)")
+  validate_config(config)
+  return SquadTask(config)

@@ -60,8 +60,10 @@ def gold_answers(qa: dict, v2: bool) -> list[str]:
   """The texts a prediction is compared with ([""] for an unanswerable v2 question)."""
   texts = [a["text"] for a in qa.get("answers", [])]
   if v2:
-    texts = [t for t in texts if normalize_answer(t)] or [""]
-  return texts
+    texts = [t for t in texts if normalize_answer(t)]
+  # A question without answers (any v2.0 unanswerable one, or a v1.1-style file that has one)
+  # is scored against "" as the official v2.0 script does; the v1.1 script would crash.
+  return texts or [""]
 
 
 def is_v2(dataset: dict) -> bool:
@@ -145,4 +147,7 @@ def evaluate(dataset: dict, predictions: dict[str, str], na_probs: dict[str, flo
   else:
     out.update(exact_match=_mean(exact, questions), f1=_mean(f1s, questions))
   out.update(total=len(questions), missing=len(missing))
+  unanswerable = sum(g == [""] for g in questions.values())
+  if not v2 and unanswerable:
+    out["questions_without_answers"] = unanswerable
   return out
