@@ -125,8 +125,8 @@ def markdown_table(rows: list) -> str:
   return "\n".join(out + ["| " + " | ".join(map(str, r)) + " |" for r in body])
 
 
-def plot_bands(path: str, curves: dict, *, xlabel: str, ylabel: str, title: str, logy: bool = False,
-               ax=None) -> None:
+def plot_bands(path: str | None, curves: dict, *, xlabel: str, ylabel: str, title: str, logy: bool = False,
+               ax=None, ylim=None, hline=None) -> None:
   """Mean curve and a ±std band per arm. `curves`: label -> (x [points], values [seeds, points])."""
   import matplotlib
   matplotlib.use("Agg")
@@ -141,6 +141,10 @@ def plot_bands(path: str, curves: dict, *, xlabel: str, ylabel: str, title: str,
     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
   if logy:
     ax.set_yscale("log")
+  if ylim is not None:
+    ax.set_ylim(*ylim)
+  if hline is not None:
+    ax.axhline(hline, color="k", ls=":", lw=1)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=9)
