@@ -84,8 +84,8 @@ def test_iterations_to_target_and_unknown_claims():
   np.testing.assert_array_equal(claim_clr.iterations_to(0.5, np.array([0, 50, 100]), acc, 100, 50), [50, 150])
   with pytest.raises(ValueError, match="unknown --claim"):
     repro.run_claim("nope", "/tmp/unused")
-  with pytest.raises(NotImplementedError, match="lamb"):
-    repro.run_claim("lamb", "/tmp/unused")
+  with pytest.raises(NotImplementedError, match="ewc"):
+    repro.run_claim("ewc", "/tmp/unused")
 
 
 @pytest.mark.slow

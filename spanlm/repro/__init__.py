@@ -19,10 +19,9 @@ CLAIMS = {
     "locoprop": "spanlm.repro.claim_locoprop",
     "hypergradient": "spanlm.repro.claim_hypergradient",
     "clr": "spanlm.repro.claim_clr",
+    "lamb": "spanlm.repro.claim_lamb",
 }
 NOT_IMPLEMENTED = {
-    "lamb": "LAMB at 8x batch by accumulation vs AdamW on the tiny MLM model (experiments/span_bert_lamb.py:tiny); "
-            "needs ~3 arms x 3 seeds x a run that leaves the unigram plateau (several CPU-hours)",
     "ewc": "EWC λ sweep on imported MiniLM, SST-2 then a second GLUE task (--glue_dir); ~4 λ x 3 seeds of "
            "two fine-tunings (CPU-hours)",
     "mapnet": "MAPNet proposal vs uniform masking through experiments/mapnet.py and the Trainer; gradient "
