@@ -127,8 +127,6 @@ def local_grad(layer, x, target, activation: str, variant: str):
   return {"w": x.T @ err / x.shape[0], "b": jnp.mean(err, axis=0)}
 
 
-
-
 class InnerState(NamedTuple):
   """The reference solver's per-layer RMSProp slots; they persist across outer steps."""
   ms: list  # per layer {"w", "b"}: running mean of squared local gradients (starts at 1, as TF1)
