@@ -20,12 +20,11 @@ CLAIMS = {
     "hypergradient": "spanlm.repro.claim_hypergradient",
     "clr": "spanlm.repro.claim_clr",
     "lamb": "spanlm.repro.claim_lamb",
+    "mapnet": "spanlm.repro.claim_mapnet",
 }
 NOT_IMPLEMENTED = {
     "ewc": "EWC λ sweep on imported MiniLM, SST-2 then a second GLUE task (--glue_dir); ~4 λ x 3 seeds of "
            "two fine-tunings (CPU-hours)",
-    "mapnet": "MAPNet proposal vs uniform masking through experiments/mapnet.py and the Trainer; gradient "
-              "variance and held-out MLM loss at equal steps (CPU-hours)",
     "spanbert": "span masking + SBO vs token masking at equal compute, then SQuAD v1.1 article split "
                 "(experiments/squad.py:v1_dev_split); GPU-days at paper scale",
 }
