@@ -7,6 +7,10 @@ and every width scaled down by ~8, 64-128-64-32-8-32-64-128-64; batch 128; the s
 and linear decay for every arm. LocoProp-M uses the reference notebook's inner solver
 (spanlm.optim.locoprop, solver="rmsprop": T=10, act_lr=10, RMSProp decay 0.9, momentum 0.999,
 eps 1e-5, inner rate max(1 - t/T, 0.25)). Every arm tunes its one learning rate over 4 grid points.
+Verdict rule: spanlm.repro.report.verdict_beats_all on the final train loss of each arm's best
+grid point (LocoProp-M must beat Adam and SGD with momentum by 2 standard errors). The
+"backprop-rmsprop" arm (the notebook's BP mode: LocoProp's inner optimizer on the global loss)
+is a control that is reported but not part of the verdict.
 """
 
 from __future__ import annotations
