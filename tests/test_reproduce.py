@@ -98,3 +98,26 @@ def test_clr_claim_end_to_end_at_smoke_budget(tmp_path):
   assert "SMOKE RUN" in text and "iterations to target" in text
   for png in rep.figures:
     assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_lamb_arms_have_equal_tokens_and_sqrt_scaling():
+  from spanlm.configs import validate
+  from spanlm.repro import claim_lamb
+  cfg = claim_lamb.FULL
+  c = {a: claim_lamb.arm_config(a, 0, cfg, "") for a in claim_lamb.ARMS}
+  for x in c.values():
+    validate(x)
+  tokens = {a: x.train.batch_size * x.train.num_steps * x.train.seq_len for a, x in c.items()}
+  assert len(set(tokens.values())) == 1, tokens
+  assert c["adamw-256"].train.grad_accum_steps == 8 and c["adamw-256"].train.batch_size == 8 * c["adamw-32"].train.batch_size
+  np.testing.assert_allclose(c["adamw-256"].optimizer.learning_rate / c["adamw-32"].optimizer.learning_rate, 8 ** 0.5)
+  assert c["lamb-256"].optimizer.name == "lamb" and c["adamw-256"].optimizer.name == "adamw"
+  assert all(x.schedule.warmup_steps == x.train.num_steps // 5 for x in c.values())
+
+
+def test_mapnet_arms_differ_only_in_the_proposal_mix():
+  from spanlm.repro import claim_mapnet
+  a, b = (claim_mapnet.arm_config(arm, 1, claim_mapnet.FULL, "").to_dict() for arm in ("mapnet", "uniform"))
+  assert (a["mapnet"]["uniform_mix"], b["mapnet"]["uniform_mix"]) == (0.1, 1.0)
+  a["mapnet"].pop("uniform_mix"), b["mapnet"].pop("uniform_mix")
+  assert a == b and a["objective"]["name"] == "mapnet"
