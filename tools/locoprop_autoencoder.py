@@ -10,7 +10,10 @@ scikit-learn, nothing downloaded), so every width is scaled down by about 8:
 sigmoid output trained with per-image binary cross-entropy summed over pixels
 (the loss reported: mean over all 1,797 images). Each method runs a small
 learning-rate grid (--grid) for the same number of minibatch steps and the best
-final train loss is reported; every run is in the JSON.
+final train loss is reported; every run is in the JSON. LocoProp's inner solver is
+the reference notebook's (--inner_solver=rmsprop, the default; its grid is the base
+rate) or spanlm's earlier proximal GD (--inner_solver=gd_prox; grid over gamma).
+The multi-seed comparison with a verdict is `tools/reproduce.py --claim=locoprop`.
 
 Writes OUT/locoprop_autoencoder.{json,md,png}: the table (method, setting,
 steps, final train loss, wall time) and the loss curves of the best runs.
@@ -33,14 +36,18 @@ _OUT = flags.DEFINE_string("out", "locoprop", "Output directory.")
 _STEPS = flags.DEFINE_integer("steps", 2000, "Minibatch steps per run.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step.")
 _EVAL = flags.DEFINE_integer("eval_every", 50, "Steps between full-data loss evaluations.")
-_INNER = flags.DEFINE_integer("inner_steps", 10, "LocoProp: local GD steps per layer per step (T).")
-_ETA = flags.DEFINE_float("eta", 1.0, "LocoProp: proximal strength 1/(2 eta) ||W - W_old||^2.")
+_INNER = flags.DEFINE_integer("inner_steps", 10, "LocoProp: local steps per layer per step (T).")
+_SOLVER = flags.DEFINE_enum("inner_solver", "rmsprop", list(locoprop.SOLVERS),
+                            "LocoProp inner solver: the reference's RMSProp, or proximal GD.")
+_ETA = flags.DEFINE_float("eta", 1.0, "LocoProp gd_prox: proximal strength 1/(2 eta) ||W - W_old||^2.")
 _GRID = flags.DEFINE_bool("grid", True, "Try each method's small grid (False: first setting only).")
 _SEED = flags.DEFINE_integer("seed", 0, "Init and minibatch order.")
 
 SIZES = (64, 128, 64, 32, 8, 32, 64, 128, 64)
 ACTS = ("tanh", "tanh", "tanh", "identity", "tanh", "tanh", "tanh", "sigmoid")
-# method -> settings tried (learning rate; LocoProp: (gamma, inner_lr), first-step-equivalent lr = product)
+# method -> settings tried (learning rate; LocoProp gd_prox: (gamma, inner_lr), first-step-equivalent
+# lr = product; LocoProp rmsprop: the inner RMSProp's base rate, act_lr 10 as in the notebook)
+RMSPROP_GRID = [1e-5, 3e-5, 1e-4]
 GRID = {
     "sgd": [0.03, 0.1, 0.3],
     "sgd (momentum 0.9)": [0.01, 0.03, 0.003],
@@ -70,10 +77,11 @@ def full_loss(params, x):
 def make_step(method: str, setting):
   """A jitted (params, opt_state, batch) -> (params, opt_state) for one method and setting."""
   if method.startswith("locoprop"):
-    gamma, inner_lr = setting
+    kw = (dict(learning_rate=setting) if _SOLVER.value == "rmsprop" else
+          dict(gamma=setting[0], inner_lr=setting[1], eta=_ETA.value))
     step = functools.partial(locoprop.locoprop_step, activations=ACTS, loss_fn=bce, variant=method[-1].upper(),
-                             gamma=gamma, inner_steps=_INNER.value, inner_lr=inner_lr, eta=_ETA.value)
-    return None, jax.jit(lambda p, s, b: (step(p, batch=b)[0], s))
+                             solver=_SOLVER.value, inner_steps=_INNER.value, **kw)
+    return "locoprop", jax.jit(lambda p, s, b: step(p, s, batch=b)[:2])
   tx = optax.adam(setting) if method == "adam" else optax.sgd(setting, momentum=0.9 if "momentum" in method else None)
 
   def sgd_like(p, s, b):
@@ -87,7 +95,7 @@ def train(method, setting, data):
   rng = np.random.default_rng(_SEED.value)
   params = locoprop.init_mlp(jax.random.PRNGKey(_SEED.value), SIZES)
   tx, step = make_step(method, setting)
-  state = tx.init(params) if tx else None
+  state = locoprop.init_state(params) if tx == "locoprop" else tx.init(params)
   evaluate = jax.jit(full_loss)
   order = np.concatenate([rng.permutation(len(data)) for _ in range(
       _STEPS.value * _BATCH.value // len(data) + 1)])
@@ -108,6 +116,8 @@ def train(method, setting, data):
 
 
 def describe(method, setting):
+  if method.startswith("locoprop") and _SOLVER.value == "rmsprop":
+    return f"rmsprop inner lr={setting:g}, act_lr=10, T={_INNER.value} (constant outer rate)"
   if method.startswith("locoprop"):
     return f"gamma={setting[0]:g}, inner_lr={setting[1]:g}, T={_INNER.value}, eta={_ETA.value:g}"
   return f"lr={setting:g}"
@@ -120,6 +130,8 @@ def main(argv):
   os.makedirs(out, exist_ok=True)
   runs = []
   for method, settings in GRID.items():
+    if method.startswith("locoprop") and _SOLVER.value == "rmsprop":
+      settings = RMSPROP_GRID
     for setting in settings if _GRID.value else settings[:1]:
       r = train(method, setting, data)
       runs.append(r)
@@ -134,6 +146,7 @@ def main(argv):
   meta = {"data": "sklearn digits, 1797 x 64, pixels / 16", "sizes": SIZES, "activations": ACTS,
           "loss": "per-image sigmoid cross-entropy summed over 64 pixels, mean over all images",
           "steps": _STEPS.value, "batch_size": _BATCH.value, "inner_steps": _INNER.value, "eta": _ETA.value,
+          "inner_solver": _SOLVER.value,
           "device": jax.devices()[0].device_kind}
   with open(os.path.join(out, "locoprop_autoencoder.json"), "w") as f:
     json.dump({"meta": meta, "best": best, "runs": runs}, f, indent=1)

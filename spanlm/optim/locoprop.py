@@ -6,33 +6,45 @@ a loss L = (1/N) sum_n l_n(a_K). One LocoProp step:
 1. Forward and backward pass as in BackProp; keep each layer's input x_k,
    pre-activation a_k and the per-example gradient g_k = d l_n / d a_k
    (= N * dL/da_k).
-2. Give each layer a target one gradient step away (step size gamma):
+2. Give each layer a target one gradient step away:
      LocoProp-S:  a_hat_k = a_k - gamma g_k                  (pre-activation target)
      LocoProp-M:  y_hat_k = f_k(a_k) - gamma g_k             (post-activation target)
 3. Every layer, independently (its input x_k fixed from step 1), takes T
-   gradient steps of size rho on its local objective
-     S:  (1/N) sum_n 1/2 ||x_n W + b - a_hat_n||^2           + 1/(2 eta) ||(W, b) - (W, b)_old||^2
-     M:  (1/N) sum_n sum_j [F(a_nj) - y_hat_nj a_nj]          + 1/(2 eta) ||(W, b) - (W, b)_old||^2
+   steps of a first-order optimizer on its local loss
+     S:  sum_n 1/2 ||x_n W + b - a_hat_n||^2
+     M:  sum_n sum_j [F(a_nj) - y_hat_nj a_nj]
    where F is the convex integral of the transfer function (F' = f: log cosh
    for tanh, softplus for sigmoid, a^2/2 for identity). The M loss is the
    matching loss (Bregman divergence D_F(a, f^-1(y_hat))) up to a term
-   constant in W; its gradient is (1/N) sum_n x_n^T (f(a_n) - y_hat_n), the
-   "error through the transfer function", which keeps the local problem convex
-   in W where the squared loss through f would not be.
+   constant in W; its gradient is x^T (f(a) - y_hat), the "error through the
+   transfer function", which keeps the local problem convex in W.
 
-First-step equivalence (the paper's construction, derived): at (W, b)_old the
-proximal term has zero gradient and both local gradients equal
-gamma * (1/N) sum_n x_n^T g_n = gamma * dL/dW. So ONE inner step of size rho
-is exactly a BackProp SGD step with learning rate alpha = rho * gamma on every
-layer at once (inputs from the same forward pass), for S and M alike. More
-inner steps move each layer further along its own curvature (x^T x for S,
-x^T diag(f'(a)) x for M), which is where LocoProp's gain over SGD comes from;
-the proximal term (eta) keeps the layer from running off with a stale target.
+Two inner solvers (`solver=`):
+
+- "rmsprop" (default): the google-research reference notebook
+  (google-research/locoprop/locoprop_training.ipynb, read 2026-12-02). Targets
+  are `a - act_lr * dL/da` with L the BATCH-MEAN loss (so gamma = act_lr / N),
+  local gradients are batch SUMS (x^T err, sum_n err), there is no proximal or
+  weight-decay term, and each layer has its own TF1 RMSProp (rms initialised
+  to 1, eps inside the sqrt, heavy-ball momentum):
+      ms  <- decay ms + (1 - decay) g^2
+      mom <- momentum mom + lr_t g / sqrt(ms + eps)
+      W   <- W - mom
+  with lr_t = learning_rate * max(1 - t/T, 0.25) at inner step t = 0..T-1 (the
+  step counter restarts every outer step) while ms and mom PERSIST across outer
+  steps. Reference defaults: T=10, act_lr=10, learning_rate=1e-5 (the outer
+  schedule multiplies it), decay 0.9, momentum 0.999, eps 1e-5.
+- "gd_prox": spanlm's earlier solver: T plain GD steps of size inner_lr on the
+  batch-MEAN local loss plus 1/(2 eta) ||(W, b) - (W, b)_old||^2, targets with
+  per-example gamma. First-step equivalence (derived, tested): at (W, b)_old
+  the proximal gradient is 0 and both local gradients equal
+  gamma * (1/N) sum_n x_n^T g_n = gamma * dL/dW, so ONE inner step is exactly a
+  BackProp SGD step with learning rate inner_lr * gamma on every layer at once.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +58,12 @@ ACTIVATIONS = {
     "relu": (jax.nn.relu, lambda a: 0.5 * jnp.square(jax.nn.relu(a))),
 }
 VARIANTS = ("S", "M")
+SOLVERS = ("rmsprop", "gd_prox")
+# Each solver's hyperparameters and their defaults (rmsprop: the reference notebook's flags).
+SOLVER_DEFAULTS = {
+    "rmsprop": dict(act_lr=10.0, learning_rate=1e-5, decay=0.9, momentum=0.999, eps=1e-5),
+    "gd_prox": dict(gamma=1.0, inner_lr=0.1, eta=1.0),
+}
 
 
 def init_mlp(rng, sizes: Sequence[int]) -> list[dict]:
@@ -102,16 +120,48 @@ def local_loss(layer, x, target, activation: str, variant: str):
 
 
 def local_grad(layer, x, target, activation: str, variant: str):
-  """Closed-form gradient of `local_loss`: (1/N) x^T err and mean(err), with
+  """Closed-form gradient of `local_loss` (batch mean): (1/N) x^T err and mean(err), with
   err = a - a_hat (S) or f(a) - y_hat (M). Cheaper than autodiff through F."""
   a = x @ layer["w"] + layer["b"]
   err = a - target if variant == "S" else ACTIVATIONS[activation][0](a) - target
   return {"w": x.T @ err / x.shape[0], "b": jnp.mean(err, axis=0)}
 
 
-def solve_local(layer, x, target, activation: str, variant: str, *, inner_steps: int,
-                inner_lr: float, eta: float):
-  """`inner_steps` GD steps of size `inner_lr` on local loss + 1/(2 eta) ||layer - layer_old||^2."""
+class InnerState(NamedTuple):
+  """The reference solver's per-layer RMSProp slots; they persist across outer steps."""
+  ms: list  # per layer {"w", "b"}: running mean of squared local gradients (starts at 1, as TF1)
+  mom: list  # per layer {"w", "b"}: heavy-ball momentum (starts at 0)
+
+
+def init_state(params) -> InnerState:
+  return InnerState([jax.tree.map(jnp.ones_like, p) for p in params],
+                    [jax.tree.map(jnp.zeros_like, p) for p in params])
+
+
+def inner_rate_decay(t, inner_steps: int):
+  """The reference's inner-rate factor at inner step t: max(1 - t / T, 0.25)."""
+  return jnp.maximum(1.0 - t / inner_steps, 0.25)
+
+
+def solve_local_rmsprop(layer, ms, mom, x, target, activation: str, variant: str, *, inner_steps: int,
+                        learning_rate, decay: float, momentum: float, eps: float):
+  """`inner_steps` TF1-RMSProp steps on the batch-SUM local loss; returns (layer, ms, mom)."""
+  n = x.shape[0]
+
+  def body(t, carry):
+    p, s, m = carry
+    g = jax.tree.map(lambda v: n * v, local_grad(p, x, target, activation, variant))
+    lr = learning_rate * inner_rate_decay(t, inner_steps)
+    s = jax.tree.map(lambda s_, g_: decay * s_ + (1 - decay) * jnp.square(g_), s, g)
+    m = jax.tree.map(lambda m_, g_, s_: momentum * m_ + lr * g_ / jnp.sqrt(s_ + eps), m, g, s)
+    return jax.tree.map(lambda p_, m_: p_ - m_, p, m), s, m
+
+  return jax.lax.fori_loop(0, inner_steps, body, (layer, ms, mom))
+
+
+def solve_local_gd_prox(layer, x, target, activation: str, variant: str, *, inner_steps: int,
+                        inner_lr: float, eta: float):
+  """`inner_steps` GD steps of size `inner_lr` on local loss (mean) + 1/(2 eta) ||layer - layer_old||^2."""
   old = layer
 
   def body(_, p):
@@ -121,11 +171,47 @@ def solve_local(layer, x, target, activation: str, variant: str, *, inner_steps:
   return jax.lax.fori_loop(0, inner_steps, body, layer)
 
 
-def locoprop_step(params, activations, loss_fn, batch, *, variant: str = "M", gamma: float = 1.0,
-                  inner_steps: int = 10, inner_lr: float = 0.1, eta: float = 1.0):
-  """One LocoProp step on every layer (jit it with the keyword arguments bound); returns (params, loss)."""
+def solver_settings(solver: str, **kw) -> dict:
+  """The solver's hyperparameters: its defaults overridden by `kw` (unknown names are an error)."""
+  if solver not in SOLVERS:
+    raise ValueError(f"unknown LocoProp inner solver {solver!r}; choose one of {SOLVERS}")
+  unknown = set(kw) - set(SOLVER_DEFAULTS[solver])
+  if unknown:
+    raise ValueError(f"LocoProp solver {solver!r} takes {sorted(SOLVER_DEFAULTS[solver])}, "
+                     f"not {sorted(unknown)}")
+  return {**SOLVER_DEFAULTS[solver], **kw}
+
+
+def locoprop_step(params, state, activations, loss_fn, batch, *, variant: str = "M",
+                  solver: str = "rmsprop", inner_steps: int = 10, **solver_kw):
+  """One LocoProp step on every layer; returns (params, state, loss at the old params).
+
+  Jit it with everything but (params, state, batch) bound; `learning_rate` (rmsprop) may be a
+  traced scalar so that an outer schedule can drive it. `state` is `init_state(params)` for
+  "rmsprop" and is passed through unchanged (may be None) for "gd_prox". `solver_kw`: see
+  SOLVER_DEFAULTS.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown LocoProp variant {variant!r}; choose one of {VARIANTS}")
+  if inner_steps < 1:
+    raise ValueError(f"LocoProp inner_steps={inner_steps} must be at least 1")
+  hp = solver_settings(solver, **solver_kw)
   loss, inputs, pre, grads = backprop(params, activations, loss_fn, batch)
-  tgts = targets(pre, grads, activations, variant, gamma)
-  new = [solve_local(layer, x, t, act, variant, inner_steps=inner_steps, inner_lr=inner_lr, eta=eta)
-         for layer, x, t, act in zip(params, inputs, tgts, activations)]
-  return new, loss
+  n = batch["x"].shape[0]
+  if solver == "gd_prox":
+    tgts = targets(pre, grads, activations, variant, hp["gamma"])
+    new = [solve_local_gd_prox(layer, x, t, act, variant, inner_steps=inner_steps, inner_lr=hp["inner_lr"],
+                               eta=hp["eta"]) for layer, x, t, act in zip(params, inputs, tgts, activations)]
+    return new, state, loss
+  if state is None:
+    raise ValueError("LocoProp solver 'rmsprop' keeps per-layer state: pass state=init_state(params)")
+  tgts = targets(pre, grads, activations, variant, hp["act_lr"] / n)  # act_lr * d(mean loss)/da
+  new, ms, mom = [], [], []
+  for layer, s, m, x, t, act in zip(params, state.ms, state.mom, inputs, tgts, activations):
+    p, s, m = solve_local_rmsprop(layer, s, m, x, t, act, variant, inner_steps=inner_steps,
+                                  learning_rate=hp["learning_rate"], decay=hp["decay"],
+                                  momentum=hp["momentum"], eps=hp["eps"])
+    new.append(p)
+    ms.append(s)
+    mom.append(m)
+  return new, InnerState(ms, mom), loss

@@ -1,0 +1,48 @@
+"""Small reproductions of the papers' headline claims: one command per claim, a report with plots.
+
+  python tools/reproduce.py --claim=locoprop --out=/tmp/repro_locoprop
+
+Each claim lives in its own module (imported only when that claim runs) with a
+`run(out, smoke=False, log=print) -> report.Report`. Every arm of a claim gets the same data,
+the same step budget, the same number of grid points and at least 3 seeds; the verdict rule
+(spanlm.repro.report) is fixed before the run and never tuned after it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+# --claim name -> module, or the reason it cannot run yet (with its planned command and budget).
+CLAIMS = {
+    "locoprop": "spanlm.repro.claim_locoprop",
+    "hypergradient": "spanlm.repro.claim_hypergradient",
+    "clr": "spanlm.repro.claim_clr",
+    "lamb": "spanlm.repro.claim_lamb",
+    "mapnet": "spanlm.repro.claim_mapnet",
+}
+NOT_IMPLEMENTED = {
+    "ewc": "EWC λ sweep on imported MiniLM, SST-2 then a second GLUE task (--glue_dir); ~4 λ x 3 seeds of "
+           "two fine-tunings (CPU-hours)",
+    "spanbert": "span masking + SBO vs token masking at equal compute, then SQuAD v1.1 article split "
+                "(experiments/squad.py:v1_dev_split); GPU-days at paper scale",
+}
+
+
+def run_claim(name: str, out: str, *, smoke: bool = False, log=print):
+  """Run one claim end to end, write OUT/report.md and OUT/*.png; returns the Report."""
+  if name in NOT_IMPLEMENTED:
+    raise NotImplementedError(f"--claim={name} is not implemented yet: {NOT_IMPLEMENTED[name]}")
+  if name not in CLAIMS:
+    raise ValueError(f"unknown --claim={name!r}; choose one of {sorted(CLAIMS)} "
+                     f"(not implemented yet: {sorted(NOT_IMPLEMENTED)})")
+  os.makedirs(out, exist_ok=True)
+  start = time.time()
+  rep = importlib.import_module(CLAIMS[name]).run(out, smoke=smoke, log=log)
+  rep.seconds = time.time() - start
+  rep.command = f"python tools/reproduce.py --claim={name} --out={out}" + (" --smoke" if smoke else "")
+  if smoke:
+    rep.notes.append("SMOKE RUN: a tiny budget that checks the pipeline; the verdict means nothing.")
+  rep.write(out)
+  return rep

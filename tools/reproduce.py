@@ -1,0 +1,27 @@
+"""Reproduce one paper claim in small: `python tools/reproduce.py --claim=NAME --out=DIR`.
+
+Writes DIR/report.md (claim, the paper's figure it mirrors, settings, means ± std over seeds,
+verdict) and DIR/*.png. Claims and their verdict rules: spanlm/repro/, docs/reproductions.md.
+"""
+
+from absl import app, flags
+
+from spanlm import repro
+
+_CLAIM = flags.DEFINE_string("claim", None, f"One of {sorted(repro.CLAIMS)}.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_SMOKE = flags.DEFINE_bool("smoke", False, "A tiny budget that only checks the pipeline (verdict meaningless).")
+
+
+def main(argv):
+  del argv
+  try:
+    rep = repro.run_claim(_CLAIM.value, _OUT.value, smoke=_SMOKE.value, log=lambda s: print(s, flush=True))
+  except (ValueError, NotImplementedError) as e:
+    raise SystemExit(f"error: {e}")
+  print(f"verdict: {rep.verdict}. {rep.reason}")
+  print(f"wrote {_OUT.value}/report.md ({rep.seconds / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+  app.run(main)
