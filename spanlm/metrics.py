@@ -15,6 +15,7 @@ import struct
 import time
 
 import jax
+import numpy as np
 
 
 def _crc32c_table():
@@ -117,3 +118,30 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+# Ids never chosen for prediction (spanlm.masking.special_mask): [PAD], [CLS], [SEP].
+_NEVER_PREDICTED = (0, 2, 3)
+
+
+def unigram_neg_log_probs(rows, vocab_size: int, chunk: int = 4096) -> np.ndarray:
+  """-log p(v) of the add-one-smoothed unigram model of the (training) rows.
+
+  p(v) = (c_v + 1) / (N + V'), with c_v the count of id v among the rows' tokens that can be
+  predicted (all but [PAD]/[CLS]/[SEP]), N their total and V' the number of such ids. The
+  held-out masked-LM loss of a model that ignores context cannot, in expectation, beat the
+  mean of this table over the held-out masked targets: the *unigram baseline* printed beside
+  every eval line. `rows`: a random-access split (e.g. `PreparedDataset.train`).
+  """
+  counts = np.zeros(vocab_size, np.int64)
+  for start in range(0, len(rows), chunk):
+    index = list(range(start, min(start + chunk, len(rows))))
+    batch = rows.__getitems__(index) if hasattr(rows, "__getitems__") else [rows[i] for i in index]
+    ids = np.concatenate([np.asarray(r["input_ids"]).ravel() for r in batch])
+    counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+  counts[list(_NEVER_PREDICTED)] = 0
+  predictable = np.ones(vocab_size, bool)
+  predictable[list(_NEVER_PREDICTED)] = False
+  probs = np.where(predictable, counts + 1.0, 0.0) / (counts.sum() + predictable.sum())
+  with np.errstate(divide="ignore"):
+    return (-np.log(probs)).astype(np.float32)  # inf at ids that are never targets

@@ -31,7 +31,7 @@ from flax import struct
 
 from spanlm import checkpoint as ckpt_lib
 from spanlm import configs, masking, parallel, pretraining, resilience
-from spanlm.metrics import MetricsWriter
+from spanlm.metrics import MetricsWriter, unigram_neg_log_probs
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics
 
@@ -220,7 +220,25 @@ class Trainer:
     if totals is None:
       raise ValueError("no held-out batches to evaluate")
     sums, den = jax.device_get(totals)
-    return self.objective.eval_metrics(sums, den)
+    result = self.objective.eval_metrics(sums, den)
+    if self.unigram_nll is not None and isinstance(self.objective, pretraining.MaskedLM):
+      result["eval/unigram_mlm_loss"] = self._unigram_loss(batches, key)
+    return result
+
+  unigram_nll = None  # -log p(v) of the training rows' unigram model (metrics.unigram_neg_log_probs)
+
+  def _unigram_loss(self, batches, key) -> float:
+    """The unigram model's loss on the same held-out masked targets as `evaluate` (same keys)."""
+    def sums(batch, rng, nll):
+      p = self._prepare(rng, batch)
+      return jnp.sum(jnp.where(p["weights"] > 0, nll[p["targets"]], 0.0)), jnp.sum(p["weights"])
+    if not hasattr(self, "_unigram_jit"):
+      self._unigram_jit = jax.jit(sums)
+    total = np.zeros(2)
+    for i, batch in enumerate(batches):
+      total += np.array(self._unigram_jit(parallel.global_batch(batch, self.mesh), jax.random.fold_in(key, i),
+                           self.unigram_nll))
+    return float(total[0] / max(total[1], 1.0))
 
 
 def _format_eta(seconds: float) -> str:
@@ -258,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"{dataset.vocab_size}, but its tokenizer has {tokenizer.vocab_size}; re-prepare it")
   mesh = parallel.make_mesh(config.mesh)
   trainer = Trainer(config, tokenizer.vocab_size, tokenizer.word_start_table(), mesh)
+  trainer.unigram_nll = unigram_neg_log_probs(dataset.train, tokenizer.vocab_size)
   logging.info("model: %s, %.2fM parameters; mesh %s; %d train / %d held-out rows of %d tokens",
                config.model.size, trainer.num_params() / 1e6, dict(mesh.shape),
                len(dataset.train), len(dataset.validation), t.seq_len)
@@ -336,7 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if (t.eval_every and step % t.eval_every == 0) or step == last:
         last_eval = trainer.evaluate(state.params, eval_data)
         writer.write(step, last_eval)
-        logging.info("eval step %d | held-out %s", step, trainer.objective.eval_summary(last_eval))
+        logging.info("eval step %d | held-out %s", step, _with_baseline(trainer.objective.eval_summary(last_eval),
+                                                                        last_eval))
       preempted = guard.reached(step)
       if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last or preempted:
         checkpointer.save(step, state, {"iterator": train_iter.get_state()})
@@ -351,6 +371,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   logging.info("done: step %d, checkpoint in %s", step, checkpointer.directory)
   return {"step": step, **last_train, **last_eval, **({"preempted": True} if preempted else {})}
+
+
+def _with_baseline(summary: str, result: dict) -> str:
+  """Put the unigram baseline of the same held-out targets beside the held-out MLM loss."""
+  if "eval/unigram_mlm_loss" not in result:
+    return summary
+  loss, base = result["eval/mlm_loss"], result["eval/unigram_mlm_loss"]
+  first, _, rest = summary.partition(" | ")
+  return f"{first} (unigram {base:.3f}, {100 * (base - loss) / base:+.1f}% below) | {rest}"
 
 
 def _check_workdir(workdir: str) -> None:
