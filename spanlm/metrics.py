@@ -8,6 +8,7 @@ masked CRC32C, so runs can be watched in TensorBoard without TensorFlow.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
 import socket
@@ -16,6 +17,30 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_OWN_DIRS = (_PACKAGE_DIR + os.sep, os.path.join(os.path.dirname(_PACKAGE_DIR), "tools") + os.sep)
+
+
+class _OwnInfoOnly(std_logging.Filter):
+  """INFO lines from spanlm and its tools only; libraries from WARNING up.
+
+  At the default verbosity, JAX ("Unable to initialize backend 'tpu'" on every CPU run) and Orbax
+  (~40 INFO lines per save) would bury the run's own lines; `--verbosity=1` shows everything.
+  """
+
+  def filter(self, record):
+    return (record.levelno >= std_logging.WARNING or logging.get_verbosity() > logging.INFO
+            or record.pathname.startswith(_OWN_DIRS))
+
+
+def quiet_library_logs() -> None:
+  """Install `_OwnInfoOnly` on absl's handler (idempotent); command-line entry points call it."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
 
 
 def _crc32c_table():

@@ -103,6 +103,10 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch):
     """One optimizer step (jitted; `state` is donated): returns (state, metrics)."""
+    leaf = jax.tree.leaves(state.params)[0]
+    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+      raise ValueError("this TrainState was consumed (donated) by an earlier train_step; use the state it "
+                       "returned: state, metrics = trainer.train_step(state, batch)")
     return self._train_step_jit(state, batch, self.frozen)
 
   def eval_step(self, params, batch, rng):
@@ -268,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_dir = prepare.ensure_prepared(
       config.data.corpus, workdir, t.seq_len, tokenizer=config.data.tokenizer,
       vocab_size=config.data.vocab_size, validation_fraction=config.data.validation_fraction,
-      packing=config.data.packing)
+      packing=config.data.packing, strict=not config.data.get("skip_bad_files", False))
   dataset = prepare.load_prepared(data_dir)
   tokenizer = Tokenizer.load(dataset.tokenizer_path)
   if dataset.vocab_size != tokenizer.vocab_size:

@@ -28,6 +28,8 @@ def main(argv):
   import numpy as np
 
   from spanlm import convert
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # Orbax logs ~40 INFO lines per save
 
   try:
     if _TO.value == "spanlm":
