@@ -1,8 +1,9 @@
-"""Where metrics go: `workdir/metrics.jsonl` and TensorBoard event files.
+"""Where metrics go: `workdir/metrics.jsonl`, TensorBoard event files, a PNG of the curves.
 
-The TensorBoard writer encodes the two protobuf messages it needs (Event and
-Summary.Value with a simple_value) by hand and frames them as TFRecords with
-masked CRC32C, so runs can be watched in TensorBoard without TensorFlow.
+TensorBoard events are written with tensorboardX (the maintained writer MaxText
+uses; no TensorFlow). `quiet_library_logs` keeps library INFO lines out of a
+run's log, and `unigram_neg_log_probs` is the context-free baseline printed
+beside every held-out masked-LM loss.
 """
 
 from __future__ import annotations
@@ -11,14 +12,10 @@ import json
 import logging as std_logging
 import math
 import os
-import socket
-import struct
-import time
 
 import jax
 import numpy as np
 from absl import logging
-
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _OWN_DIRS = (_PACKAGE_DIR + os.sep, os.path.join(os.path.dirname(_PACKAGE_DIR), "tools") + os.sep)
@@ -43,78 +40,21 @@ def quiet_library_logs() -> None:
     handler.addFilter(_OwnInfoOnly())
 
 
-def _crc32c_table():
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte = n & 0x7F
-    n >>= 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:  # length-delimited field
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(step: int, wall_time: float, *, file_version: str = "", scalars=None) -> bytes:
-  msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-  if file_version:
-    msg += _field(3, file_version.encode())
-  if scalars:
-    values = b"".join(
-        _field(1, _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
-        for tag, value in scalars.items())
-    msg += _field(5, values)
-  return msg
-
-
-def _record(data: bytes) -> bytes:
-  header = struct.pack("<Q", len(data))
-  return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
-
-
 class TensorBoardWriter:
-  """Scalar summaries in TensorBoard's event-file format."""
+  """Scalar summaries in TensorBoard's event-file format, through tensorboardX (no TensorFlow)."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self._file = open(os.path.join(logdir, name), "ab")
-    self._file.write(_record(_event(0, time.time(), file_version="brain.Event:2")))
+    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+    self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
 
   def scalars(self, step: int, values: dict[str, float]):
-    finite = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-    self._file.write(_record(_event(step, time.time(), scalars=finite)))
-    self._file.flush()
+    for tag, value in values.items():
+      if isinstance(value, (int, float)):
+        self._writer.add_scalar(tag, float(value), global_step=int(step))
+    self._writer.flush()
 
   def close(self):
-    self._file.close()
+    self._writer.close()
 
 
 class MetricsWriter:

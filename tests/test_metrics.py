@@ -1,15 +1,22 @@
-"""metrics.jsonl and TensorBoard event files written without TensorFlow."""
+"""metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow), the unigram baseline."""
 
 import json
 import os
 
 import pytest
 
-from spanlm.metrics import MetricsWriter, crc32c
+import numpy as np
+
+from spanlm.metrics import MetricsWriter, unigram_neg_log_probs
 
 
-def test_crc32c_check_value():
-  assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C (Castagnoli) check value
+def test_unigram_baseline_is_the_add_one_unigram_model_by_hand():
+  # Rows [CLS] 5 5 6 [SEP] [PAD] and [CLS] 5 7 [SEP] [PAD] [PAD]; vocab 8: predictable ids 1 and 4..7 (V' = 5).
+  rows = [{"input_ids": np.array([2, 5, 5, 6, 3, 0])}, {"input_ids": np.array([2, 5, 7, 3, 0, 0])}]
+  nll = unigram_neg_log_probs(rows, vocab_size=8, chunk=1)
+  n = 5 + 5  # five predictable tokens + add-one over five ids
+  np.testing.assert_allclose(nll[[5, 6, 7, 4, 1]], -np.log([4 / n, 2 / n, 2 / n, 1 / n, 1 / n]), rtol=1e-6)
+  assert np.all(np.isinf(nll[[0, 2, 3]]))  # [PAD] [CLS] [SEP] are never targets
 
 
 def test_event_files_read_back_with_tensorboard(tmp_path):
@@ -21,7 +28,7 @@ def test_event_files_read_back_with_tensorboard(tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert rows == [{"step": 10, "train/loss": 2.5, "learning_rate": 1e-3},
                   {"step": 20, "train/loss": 2.0, "eval/mlm_accuracy": 0.25}]
-  (name,) = os.listdir(tmp_path / "tensorboard")
+  (name,) = [n for n in os.listdir(tmp_path / "tensorboard") if n.startswith("events.out.tfevents")]
   events = list(event_file_loader.LegacyEventFileLoader(str(tmp_path / "tensorboard" / name)).Load())
   assert events[0].file_version == "brain.Event:2"
   scalars = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
