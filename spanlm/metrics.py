@@ -110,3 +110,71 @@ def unigram_neg_log_probs(rows, vocab_size: int, chunk: int = 4096) -> np.ndarra
   probs = np.where(predictable, counts + 1.0, 0.0) / (counts.sum() + predictable.sum())
   with np.errstate(divide="ignore"):
     return (-np.log(probs)).astype(np.float32)  # inf at ids that are never targets
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _tokens_per_step(workdir: str) -> int | None:
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      train = json.load(f)["train"]
+    return int(train["batch_size"]) * int(train["seq_len"])
+  except (OSError, KeyError, ValueError, TypeError):
+    return None
+
+
+def plot_curves(workdirs: list[str], out: str, labels: list[str] | None = None) -> str | None:
+  """Train and held-out MLM loss and accuracy against step and against tokens, runs overlaid, as a PNG.
+
+  Reads each workdir's metrics.jsonl (and config.json for tokens per step). The held-out unigram
+  baseline, when logged, is drawn dotted. Returns `out`, or None (one INFO line) without matplotlib.
+  """
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    logging.info("matplotlib is not installed: no curves PNG (pip install matplotlib)")
+    return None
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, workdir in enumerate(workdirs):
+    rows = read_metrics(workdir)
+    label = labels[i] if labels else os.path.basename(os.path.normpath(workdir))
+    color = colors[i % len(colors)]
+    per_step = _tokens_per_step(workdir)
+    for row_axes, metric in ((axes[0], "loss"), (axes[1], "accuracy")):
+      for split, style in (("train", "-"), ("eval", "--")):
+        key = f"{split}/mlm_{metric}"
+        if not any(key in r for r in rows) and metric == "loss":
+          key = f"{split}/loss"  # objectives without an MLM loss
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if not points:
+          continue
+        steps, values = map(np.array, zip(*points))
+        name = f"{label} {'held-out' if split == 'eval' else 'train'}"
+        row_axes[0].plot(steps, values, style, color=color, label=name, marker="o" if split == "eval" else None,
+                         markersize=3)
+        if per_step:
+          row_axes[1].plot(steps * per_step / 1e6, values, style, color=color, label=name,
+                           marker="o" if split == "eval" else None, markersize=3)
+      baseline = [(r["step"], r["eval/unigram_mlm_loss"]) for r in rows if r.get("eval/unigram_mlm_loss")]
+      if metric == "loss" and baseline:
+        value = baseline[-1][1]
+        for ax in row_axes:
+          ax.axhline(value, linestyle=":", color=color, linewidth=1, label=f"{label} unigram baseline (held-out)")
+  for row, metric in enumerate(("loss", "accuracy")):
+    for col, x in enumerate(("step", "tokens (millions)")):
+      ax = axes[row][col]
+      ax.set_xlabel(x)
+      ax.set_ylabel(f"masked-LM {metric}")
+      ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out

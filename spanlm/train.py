@@ -31,7 +31,7 @@ from flax import struct
 
 from spanlm import checkpoint as ckpt_lib
 from spanlm import configs, masking, parallel, pretraining, resilience
-from spanlm.metrics import MetricsWriter, unigram_neg_log_probs
+from spanlm.metrics import MetricsWriter, plot_curves, unigram_neg_log_probs
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics
 
@@ -373,6 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     guard.__exit__(None, None, None)
     checkpointer.close()
     writer.close()
+  if jax.process_index() == 0 and plot_curves([workdir], os.path.join(workdir, "curves.png")):
+    logging.info("curves: %s", os.path.join(workdir, "curves.png"))
   logging.info("done: step %d, checkpoint in %s", step, checkpointer.directory)
   return {"step": step, **last_train, **last_eval, **({"preempted": True} if preempted else {})}
 
