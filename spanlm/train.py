@@ -385,7 +385,8 @@ def _with_baseline(summary: str, result: dict) -> str:
     return summary
   loss, base = result["eval/mlm_loss"], result["eval/unigram_mlm_loss"]
   first, _, rest = summary.partition(" | ")
-  return f"{first} (unigram {base:.3f}, {100 * (base - loss) / base:+.1f}% below) | {rest}"
+  gap = 100 * (base - loss) / base
+  return f"{first} (unigram baseline {base:.3f}: {abs(gap):.1f}% {'below' if gap >= 0 else 'above'}) | {rest}"
 
 
 def _check_workdir(workdir: str) -> None:
