@@ -8,7 +8,7 @@ in the paper (base here, `:large` for the paper's size); Adam(W) with lr 1e-4,
 
   --config=experiments/span_bert.py          the paper's recipe at BERT-base size
   --config=experiments/span_bert.py:large    ... at BERT-large size, as in the paper
-  --config=experiments/span_bert.py:tiny     a CPU-sized run on the bundled sample (~2 min)
+  --config=experiments/span_bert.py:tiny     a CPU-sized run on the bundled sample (< 3 min)
 """
 
 from spanlm.configs import base_config, cpu_tiny, with_preset
@@ -16,6 +16,23 @@ from spanlm.configs import base_config, cpu_tiny, with_preset
 
 def large(c):
   c.model.size = "large"
+
+
+def tiny(c):
+  """BERT-tiny on the bundled sample in under 3 minutes on 2 CPU cores, learning to use context.
+
+  The same 2M tokens as 500 steps of 32 rows, taken as 1000 steps of 16: at this scale more,
+  smaller steps reach a lower held-out loss (0.5M tokens: 2.0% below the unigram baseline with
+  16 rows/step, 0.7% above it with 32), and lr 2e-3 did worse than 1e-3 (post-LN encoder).
+  """
+  cpu_tiny(c)
+  c.train.batch_size = 16
+  c.train.num_steps = 1000
+  c.train.eval_every = 100
+  c.train.eval_batches = 0  # the whole held-out split (92 rows)
+  c.train.checkpoint_every = 500
+  c.optimizer.learning_rate = 1e-3
+  c.schedule.warmup_steps = 50
 
 
 def get_config(arg=None):
@@ -41,4 +58,4 @@ def get_config(arg=None):
   c.optimizer.eps = 1e-6
   c.schedule.name = "warmup_linear"
   c.schedule.warmup_steps = 10_000
-  return with_preset(c, arg, {"tiny": cpu_tiny, "large": large})
+  return with_preset(c, arg, {"tiny": tiny, "large": large})
