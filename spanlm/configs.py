@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.model = 1  # tensor-parallel axis (heads, FFN, vocabulary)
 
   c.data = ml_collections.ConfigDict()
-  c.data.corpus = ""  # glob of .txt/.txt.gz files, or a prepared dataset dir; "" = bundled sample
+  c.data.corpus = ""  # a .txt/.txt.gz file, a folder of them, a glob, or a prepared dataset dir; "" = bundled sample
+  c.data.skip_bad_files = False  # skip unreadable corpus files (empty, binary, not UTF-8) with a warning
   c.data.tokenizer = ""  # SentencePiece .model; "" = the sample's, or trained on the corpus
   c.data.vocab_size = 8000  # vocabulary size when a tokenizer has to be trained
   c.data.validation_fraction = 0.01  # held-out share of each document's rows
@@ -133,7 +134,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
   """Load `path/to/experiment.py[:preset]` as --config would (for notebooks and tools)."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"experiment file {path!r} not found (expected e.g. experiments/span_bert.py:tiny)")
+    raise FileNotFoundError(
+        f"experiment file {path!r} not found; relative paths are looked up from the current directory "
+        f"{os.getcwd()}: pass an absolute path, or run from the repository root "
+        f"(e.g. experiments/span_bert.py:tiny)")
   module_spec = importlib.util.spec_from_file_location(f"spanlm_experiment_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -281,8 +285,19 @@ def _validate_optimizer(config, fail) -> None:
     fail(f"config.optimizer.name={o.name!r} adapts its own learning rate from "
          f"config.optimizer.learning_rate; set config.schedule.name=constant and "
          f"config.schedule.warmup_steps=0")
-  if not 0 <= s.warmup_steps <= config.train.num_steps:
-    fail(f"config.schedule.warmup_steps={s.warmup_steps} must be in [0, train.num_steps]")
+  if s.warmup_steps < 0:
+    fail(f"config.schedule.warmup_steps={s.warmup_steps} must be >= 0")
+  if s.warmup_steps > config.train.num_steps:
+    clamped = config.train.num_steps // 10
+    try:
+      s.warmup_steps = clamped
+    except (AttributeError, ValueError, TypeError):  # a FrozenConfigDict cannot be changed
+      fail(f"config.schedule.warmup_steps={s.warmup_steps} is longer than the run "
+           f"(train.num_steps={config.train.num_steps}); lower it")
+    from absl import logging
+    logging.warning("config.schedule.warmup_steps was longer than the run (train.num_steps=%d); using "
+                    "warmup_steps=%d (10%% of the run). Set --config.schedule.warmup_steps to choose.",
+                    config.train.num_steps, clamped)
   if not 0 <= s.min_learning_rate < o.learning_rate:
     fail(f"config.schedule.min_learning_rate={s.min_learning_rate} must be in [0, "
          f"config.optimizer.learning_rate={o.learning_rate}) (it is the floor/base; the LR is the peak)")

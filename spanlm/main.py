@@ -9,7 +9,6 @@ error. Multi-host runs use JAX's own runtime: on Cloud TPU and SLURM
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import re
 import sys
@@ -29,20 +28,13 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _BIG_SIZES = ("medium", "base", "large")
 
 
-class _OwnInfoOnly(std_logging.Filter):
-  """INFO lines from spanlm only; libraries (orbax logs ~40 lines per save) from WARNING up."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
-
-
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv):
   del argv
-  if logging.get_verbosity() <= logging.INFO:
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()
   import jax  # after flag parsing, so --help is instant
 
   if _COORDINATOR.value or _DISTRIBUTED.value:
@@ -88,8 +80,28 @@ def _unknown_override(e: AttributeError) -> str | None:
   return None
 
 
+def _missing_config_file(argv: list[str]) -> str | None:
+  """The --config file named on the command line, if it does not exist (checked before absl parses)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    path = value.partition(":")[0]
+    return None if os.path.isfile(path) else path
+  return None
+
+
 def run():
   flags.mark_flags_as_required(["config", "workdir"])
+  missing = _missing_config_file(sys.argv[1:])
+  if missing:
+    print(f"error: --config file {missing!r} not found (relative to the current directory {os.getcwd()}); "
+          f"run from the repository root or pass an absolute path, e.g. "
+          f"--config=experiments/span_bert.py:tiny", file=sys.stderr)
+    sys.exit(2)
   try:
     app.run(main)
   except AttributeError as e:

@@ -1,93 +1,79 @@
-"""Where metrics go: `workdir/metrics.jsonl` and TensorBoard event files.
+"""Where metrics go: `workdir/metrics.jsonl`, TensorBoard event files, a PNG of the curves.
 
-The TensorBoard writer encodes the two protobuf messages it needs (Event and
-Summary.Value with a simple_value) by hand and frames them as TFRecords with
-masked CRC32C, so runs can be watched in TensorBoard without TensorFlow.
+TensorBoard events are written with tensorboardX (the maintained writer MaxText
+uses; no TensorFlow). `quiet_library_logs` keeps library INFO lines out of a
+run's log, and `unigram_neg_log_probs` is the context-free baseline printed
+beside every held-out masked-LM loss.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging as std_logging
 import math
-import socket
-import struct
-import time
+import os
 
 import jax
+import numpy as np
+from absl import logging
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_OWN_DIRS = (_PACKAGE_DIR + os.sep, os.path.join(os.path.dirname(_PACKAGE_DIR), "tools") + os.sep)
 
 
-def _crc32c_table():
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
+class _OwnInfoOnly(std_logging.Filter):
+  """INFO lines from spanlm and its tools only; libraries from WARNING up.
+
+  At the default verbosity, JAX ("Unable to initialize backend 'tpu'" on every CPU run) and Orbax
+  (~40 INFO lines per save) would bury the run's own lines; `--verbosity=1` shows everything.
+  """
+
+  def filter(self, record):
+    return (record.levelno >= std_logging.WARNING or logging.get_verbosity() > logging.INFO
+            or record.pathname.startswith(_OWN_DIRS))
 
 
-_CRC_TABLE = _crc32c_table()
+def quiet_library_logs() -> None:
+  """Install `_OwnInfoOnly` on absl's handler (idempotent); command-line entry points call it."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
 
 
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
+class _EpathWriterFactory:
+  """tensorboardX writes gs:// event files through etils.epath (our one path type), not through
+  google-cloud-storage, which tensorboardX's own gs:// writer needs and spanlm does not install."""
+
+  def open(self, p):
+    from spanlm.workdir import open_append
+    return open_append(p, binary=True)
+
+  def directory_check(self, p):
+    pass  # object storage has no folders
 
 
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte = n & 0x7F
-    n >>= 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:  # length-delimited field
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(step: int, wall_time: float, *, file_version: str = "", scalars=None) -> bytes:
-  msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-  if file_version:
-    msg += _field(3, file_version.encode())
-  if scalars:
-    values = b"".join(
-        _field(1, _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
-        for tag, value in scalars.items())
-    msg += _field(5, values)
-  return msg
-
-
-def _record(data: bytes) -> bytes:
-  header = struct.pack("<Q", len(data))
-  return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+def _register_object_storage() -> None:
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory("gs", _EpathWriterFactory())
 
 
 class TensorBoardWriter:
-  """Scalar summaries in TensorBoard's event-file format."""
+  """Scalar summaries in TensorBoard's event-file format, through tensorboardX (no TensorFlow)."""
 
   def __init__(self, logdir: str):
-    from spanlm.workdir import open_append, path
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self._file = open_append(path(logdir) / name, binary=True)
-    self._file.write(_record(_event(0, time.time(), file_version="brain.Event:2")))
+    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+    _register_object_storage()
+    self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
 
   def scalars(self, step: int, values: dict[str, float]):
-    finite = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-    self._file.write(_record(_event(step, time.time(), scalars=finite)))
-    self._file.flush()
+    for tag, value in values.items():
+      if isinstance(value, (int, float)):
+        self._writer.add_scalar(tag, float(value), global_step=int(step))
+    self._writer.flush()
 
   def close(self):
-    self._file.close()
+    self._writer.close()
 
 
 class MetricsWriter:
@@ -116,3 +102,106 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+# Ids never chosen for prediction (spanlm.objectives.masking.special_mask): [PAD], [CLS], [SEP].
+_NEVER_PREDICTED = (0, 2, 3)
+
+
+def unigram_neg_log_probs(rows, vocab_size: int, chunk: int = 4096, max_rows: int = 65536) -> np.ndarray:
+  """-log p(v) of the add-one-smoothed unigram model of the (training) rows.
+
+  p(v) = (c_v + 1) / (N + V'), with c_v the count of id v among the rows' tokens that can be
+  predicted (all but [PAD]/[CLS]/[SEP]), N their total and V' the number of such ids. The
+  held-out masked-LM loss of a model that ignores context cannot, in expectation, beat the
+  mean of this table over the held-out masked targets: the *unigram baseline* printed beside
+  every eval line. `rows`: a random-access split (e.g. `PreparedDataset.train`). Past `max_rows`
+  rows, the counts come from `max_rows` evenly spaced rows, so start-up stays bounded on a big corpus.
+  """
+  counts = np.zeros(vocab_size, np.int64)
+  picked = (np.arange(len(rows)) if len(rows) <= max_rows
+            else np.linspace(0, len(rows) - 1, max_rows).astype(np.int64))
+  for start in range(0, len(picked), chunk):
+    index = [int(i) for i in picked[start:start + chunk]]
+    batch = rows.__getitems__(index) if hasattr(rows, "__getitems__") else [rows[i] for i in index]
+    ids = np.concatenate([np.asarray(r["input_ids"]).ravel() for r in batch])
+    counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+  counts[list(_NEVER_PREDICTED)] = 0
+  predictable = np.ones(vocab_size, bool)
+  predictable[list(_NEVER_PREDICTED)] = False
+  probs = np.where(predictable, counts + 1.0, 0.0) / (counts.sum() + predictable.sum())
+  with np.errstate(divide="ignore"):
+    return (-np.log(probs)).astype(np.float32)  # inf at ids that are never targets
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  from spanlm.workdir import path
+  text = (path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _tokens_per_step(workdir: str) -> int | None:
+  from spanlm.workdir import path
+  try:
+    train = json.loads((path(workdir) / "config.json").read_text())["train"]
+    return int(train["batch_size"]) * int(train["seq_len"])
+  except (OSError, KeyError, ValueError, TypeError):
+    return None
+
+
+def plot_curves(workdirs: list[str], out: str, labels: list[str] | None = None) -> str | None:
+  """Train and held-out MLM loss and accuracy against step and against tokens, runs overlaid, as a PNG.
+
+  Reads each workdir's metrics.jsonl (and config.json for tokens per step). The held-out unigram
+  baseline, when logged, is drawn dotted. Returns `out`, or None (one INFO line) without matplotlib.
+  """
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    logging.info("matplotlib is not installed: no curves PNG (pip install matplotlib)")
+    return None
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, workdir in enumerate(workdirs):
+    rows = read_metrics(workdir)
+    label = labels[i] if labels else os.path.basename(str(workdir).rstrip("/"))
+    color = colors[i % len(colors)]
+    per_step = _tokens_per_step(workdir)
+    for row_axes, metric in ((axes[0], "loss"), (axes[1], "accuracy")):
+      for split, style in (("train", "-"), ("eval", "--")):
+        key = f"{split}/mlm_{metric}"
+        if not any(key in r for r in rows) and metric == "loss":
+          key = f"{split}/loss"  # objectives without an MLM loss
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if not points:
+          continue
+        steps, values = map(np.array, zip(*points))
+        name = f"{label} {'held-out' if split == 'eval' else 'train'}"
+        row_axes[0].plot(steps, values, style, color=color, label=name, marker="o" if split == "eval" else None,
+                         markersize=3)
+        if per_step:
+          row_axes[1].plot(steps * per_step / 1e6, values, style, color=color, label=name,
+                           marker="o" if split == "eval" else None, markersize=3)
+      baseline = [(r["step"], r["eval/unigram_mlm_loss"]) for r in rows if r.get("eval/unigram_mlm_loss")]
+      if metric == "loss" and baseline:
+        value = baseline[-1][1]
+        for ax in row_axes:
+          ax.axhline(value, linestyle=":", color=color, linewidth=1, label=f"{label} unigram baseline (held-out)")
+  for row, metric in enumerate(("loss", "accuracy")):
+    for col, x in enumerate(("step", "tokens (millions)")):
+      ax = axes[row][col]
+      ax.set_xlabel(x)
+      ax.set_ylabel(f"masked-LM {metric}")
+      ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  from spanlm.workdir import path
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
+  plt.close(fig)
+  out = path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(png.getvalue())  # local or gs://
+  return str(out)

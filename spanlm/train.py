@@ -32,7 +32,8 @@ from spanlm import checkpoint as ckpt_lib
 from spanlm import configs, parallel, resilience
 from spanlm.objectives import base as pretraining
 from spanlm.objectives import masking
-from spanlm.metrics import MetricsWriter
+from spanlm.objectives.mlm import MaskedLM
+from spanlm.metrics import MetricsWriter, plot_curves, unigram_neg_log_probs
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics
 
@@ -125,6 +126,10 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch):
     """One optimizer step (jitted; `state` is donated): returns (state, metrics)."""
+    leaf = jax.tree.leaves(state.params)[0]
+    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+      raise ValueError("this TrainState was consumed (donated) by an earlier train_step; use the state it "
+                       "returned: state, metrics = trainer.train_step(state, batch)")
     return self._train_step_jit(state, batch, self.frozen)
 
   def eval_step(self, params, batch, rng):
@@ -237,7 +242,26 @@ class Trainer:
     if totals is None:
       raise ValueError("no held-out batches to evaluate")
     sums, den = jax.device_get(totals)
-    return self.objective.eval_metrics(sums, den)
+    result = self.objective.eval_metrics(sums, den)
+    if self.unigram_nll is not None and isinstance(self.objective, MaskedLM):
+      result["eval/unigram_mlm_loss"] = self._unigram_loss(batches, key, global_batch_size)
+    return result
+
+  unigram_nll = None  # -log p(v) of the training rows' unigram model (metrics.unigram_neg_log_probs)
+
+  def _unigram_loss(self, batches, key, global_batch_size: int | None = None) -> float:
+    """The unigram model's loss on the same held-out masked targets as `evaluate` (same keys)."""
+    def sums(batch, rng, nll):
+      p = self._prepare(rng, batch)
+      return jnp.sum(jnp.where(p["weights"] > 0, nll[p["targets"]], 0.0)), jnp.sum(p["weights"])
+    if not hasattr(self, "_unigram_jit"):
+      self._unigram_jit = jax.jit(sums)
+    total = np.zeros(2)
+    for i, batch in enumerate(batches):
+      total += np.array(self._unigram_jit(parallel.global_batch(batch, self.mesh, global_batch_size),
+                                          jax.random.fold_in(key, i),
+                           self.unigram_nll))
+    return float(total[0] / max(total[1], 1.0))
 
 
 def _format_eta(seconds: float) -> str:
@@ -259,6 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   wd, dataset, tokenizer = workdir_lib.open_run(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   trainer = Trainer(config, tokenizer.vocab_size, tokenizer.word_start_table(), mesh)
+  trainer.unigram_nll = unigram_neg_log_probs(dataset.train, tokenizer.vocab_size)
   logging.info("model: %s, %.2fM parameters; mesh %s; %d train / %d held-out rows of %d tokens",
                config.model.size, trainer.num_params() / 1e6, dict(mesh.shape),
                len(dataset.train), len(dataset.validation), t.seq_len)
@@ -337,7 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if ((t.eval_every and step % t.eval_every == 0) or step == last) and not preempted:
         last_eval = trainer.evaluate(state.params, eval_data, global_batch_size=t.batch_size)
         writer.write(step, last_eval)
-        logging.info("eval step %d | held-out %s", step, trainer.objective.eval_summary(last_eval))
+        logging.info("eval step %d | held-out %s", step, _with_baseline(trainer.objective.eval_summary(last_eval),
+                                                                        last_eval))
       if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last or preempted:
         checkpointer.save(step, state, {"iterator": train_iter.get_state()})
       if preempted:
@@ -349,5 +375,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     guard.__exit__(None, None, None)
     checkpointer.close()
     writer.close()
+  if jax.process_index() == 0 and (png := plot_curves([wd.root], wd.root / "curves.png")):
+    logging.info("curves: %s", png)
   logging.info("done: step %d, checkpoint in %s", step, checkpointer.directory)
   return {"step": step, **last_train, **last_eval, **({"preempted": True} if preempted else {})}
+
+
+def _with_baseline(summary: str, result: dict) -> str:
+  """Put the unigram baseline of the same held-out targets beside the held-out MLM loss."""
+  if "eval/unigram_mlm_loss" not in result:
+    return summary
+  loss, base = result["eval/mlm_loss"], result["eval/unigram_mlm_loss"]
+  first, _, rest = summary.partition(" | ")
+  gap = 100 * (base - loss) / base
+  return f"{first} (unigram baseline {base:.3f}: {abs(gap):.1f}% {'below' if gap >= 0 else 'above'}) | {rest}"
+

@@ -168,7 +168,7 @@ class Workdir:
     d = config.data
     data_dir = prepare.ensure_prepared(d.corpus, self.root, config.train.seq_len, tokenizer=d.tokenizer,
                                        vocab_size=d.vocab_size, validation_fraction=d.validation_fraction,
-                                       packing=d.packing)
+                                       packing=d.packing, strict=not d.get("skip_bad_files", False))
     dataset = prepare.load_prepared(prepare.local_copy(data_dir))
     tokenizer = Tokenizer.load(dataset.tokenizer_path)
     if dataset.vocab_size != tokenizer.vocab_size:

@@ -117,3 +117,77 @@ def test_missing_tokenizer_is_named(tmp_path):
   r = spanlm_main(tmp_path, "--config.data.tokenizer=/nonexistent/sp.model")
   assert r.returncode == 2
   assert "/nonexistent/sp.model" in r.stderr and "does not exist" in r.stderr
+
+
+# --- one clear line for every mistake a newcomer makes (issue 15) -------------------------------
+
+def test_missing_config_file_is_one_line(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "spanlm.main", "--config=experiments/nope.py:tiny",
+                      f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().count("\n") == 0, r.stderr
+  assert "experiments/nope.py" in r.stderr and "relative to the current directory" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def own_corpus_run(tmp_path_factory):
+  """A user's own text given as one file plus a folder holding a bad file, a short run, defaults otherwise.
+
+  The tokenizer is trained on it (one book supports fewer than the default 8000 pieces), the bad file is
+  skipped on request, and the default 50 warmup steps exceed the 4-step run.
+  """
+  root = tmp_path_factory.mktemp("own")
+  from spanlm.data import sample
+  books = sorted(sample.corpus_files())
+  book = root / "book.txt"
+  book.write_bytes(gzip.decompress(open([b for b in books if "pg11_" in b][0], "rb").read()))
+  folder = root / "more"
+  folder.mkdir()
+  (folder / "earnest.txt").write_bytes(gzip.decompress(open([b for b in books if "pg844_" in b][0], "rb").read()))
+  (folder / "broken.txt").write_bytes(b"\x00\x01binary\x00" * 100)
+  (folder / "notes.md").write_text("not text for the corpus: only .txt and .txt.gz are read from a folder")
+  args = [f"--config.data.corpus={book},{folder}", "--config.data.skip_bad_files=True",
+          "--config.train.num_steps=4", "--config.train.batch_size=8", "--config.train.seq_len=64",
+          "--config.train.eval_batches=1"]
+  return spanlm_main(root / "work", *args), root
+
+
+def test_own_corpus_file_and_folder_with_skipped_file_trains(own_corpus_run):
+  r, root = own_corpus_run
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 4
+  assert "Skipping bad corpus file" in r.stderr and "broken.txt" in r.stderr and "notes.md" not in r.stderr
+  # Tokenizer training says what it does, and lowers the vocabulary to what the corpus supports.
+  assert "tokenizer: read" in r.stderr
+  assert "the corpus supports at most" in r.stderr and "not 8000" in r.stderr
+  # The warmup (50 steps) is longer than the run: clamped, with a warning.
+  assert "warmup_steps was longer than the run (train.num_steps=4); using warmup_steps=0" in r.stderr
+  assert "unigram" in r.stderr  # the eval line's baseline
+
+
+def test_default_verbosity_has_no_library_noise(own_corpus_run):
+  r, _ = own_corpus_run
+  assert r.returncode == 0 and "tokenizer: read" in r.stderr  # a full run: preparation, training, saving
+  for noise in ("Unable to initialize backend", "Downloading and preparing dataset", "Dataset spanlm_corpus",
+                "orbax", "Event loop is closed", "Traceback"):
+    assert noise not in r.stderr + r.stdout, noise
+
+
+def test_bad_file_message_names_the_flag_that_exists(tmp_path):
+  (tmp_path / "bad.txt").write_bytes(b"")
+  r = spanlm_main(tmp_path / "work", f"--config.data.corpus={tmp_path}/bad.txt",
+                  f"--config.data.tokenizer={ROOT}/spanlm/data/sample/sample_sp8k.model")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "--config.data.skip_bad_files=True" in r.stderr
+
+
+def test_uncovered_characters_warn_with_the_unknown_share(tmp_path):
+  """Hebrew and emoji with the English sample tokenizer: most tokens are [UNK]; preparation says so."""
+  (tmp_path / "he.txt").write_text(("שלום עולם 🙂 זה טקסט בעברית. " * 40 + "\n\n") * 20)
+  r = subprocess.run([sys.executable, "tools/prepare_corpus.py", f"--input={tmp_path}/he.txt",
+                      f"--tokenizer={ROOT}/spanlm/data/sample/sample_sp8k.model", f"--out={tmp_path}/out",
+                      "--seq_len=32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  share = json.loads(r.stdout.strip().splitlines()[-1])["unk_fraction"]
+  assert share > 0.3
+  assert f"{100 * share:.1f}% of the corpus's tokens are [UNK]" in r.stderr

@@ -70,3 +70,19 @@ def test_mesh_shape_resolves_minus_one():
     parallel.mesh_shape(m(2, 2, 1), 8)
   with pytest.raises(ValueError, match="at most one axis"):
     parallel.mesh_shape(m(-1, -1, 1), 8)
+
+
+def test_load_config_from_another_folder_says_where_it_looked(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError, match=f"relative paths are looked up from the current directory {tmp_path}"):
+    spanlm.load_config("experiments/span_bert.py:tiny")
+
+
+def test_warmup_longer_than_the_run_is_clamped():
+  c = load("span_bert.py:tiny")
+  c.train.num_steps = 30  # warmup_steps stays 50
+  configs.validate(c)
+  assert c.schedule.warmup_steps == 3
+  c.schedule.warmup_steps = -1
+  with pytest.raises(ValueError, match="warmup_steps=-1 must be >= 0"):
+    configs.validate(c)

@@ -123,6 +123,22 @@ def test_tokenizer_errors(tmp_path, small_corpus):
     Tokenizer.load(str(tmp_path / "plain.model"))
 
 
+def test_tokenizer_trains_on_a_line_longer_than_sentencepiece_accepts(tmp_path):
+  """A 300 kB paragraph without a newline (and a 100 kB one without a space) is split, not dropped."""
+  rng = np.random.default_rng(0)
+  words = np.array("the of and a to in is was that he it for with as his on be at by".split())
+  (tmp_path / "one_line.txt").write_text(" ".join(rng.choice(words, 100_000))[:300_000] + " " + "x" * 100_000)
+  path = train_sentencepiece(str(tmp_path / "one_line.txt"), str(tmp_path / "sp"), vocab_size=40)
+  assert Tokenizer.load(path).vocab_size == 40
+
+
+def test_tokenizer_lowers_the_vocabulary_to_what_the_corpus_supports(small_corpus, tmp_path):
+  root, _ = small_corpus
+  path = train_sentencepiece(str(root / "doc3.txt"), str(tmp_path / "sp"), vocab_size=8000)
+  size = Tokenizer.load(path).vocab_size
+  assert NUM_RESERVED < size < 100  # 'The end.' supports a handful of pieces
+
+
 # --- corpus ------------------------------------------------------------------
 
 
@@ -164,7 +180,7 @@ def test_bad_files_raise_naming_file_and_fix(tmp_path, data, problem):
   path = write(tmp_path / "bad.txt", data)
   with pytest.raises(CorpusError, match=problem) as e:
     list(read_documents([path]))
-  assert path in str(e.value) and "--skip_bad_files" in str(e.value)
+  assert path in str(e.value) and "--config.data.skip_bad_files=True" in str(e.value)
 
 
 def test_corrupt_gzip(tmp_path):
@@ -192,8 +208,12 @@ def test_resolve_files(tmp_path):
   assert resolve_files(f"{a}, {b}") == resolve_files([b, a]) == [b, a]
   with pytest.raises(FileNotFoundError, match=r"No files match '.*/nothing\*\.txt'"):
     resolve_files(f"{a},{tmp_path}/nothing*.txt")
-  with pytest.raises(FileNotFoundError, match="is a directory"):
-    resolve_files(str(tmp_path))
+  # A folder means its .txt/.txt.gz files; a single file is itself.
+  write(tmp_path / "notes.md", b"x")
+  assert resolve_files(str(tmp_path)) == [b, a] and resolve_files(a) == [a]
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="holds no .txt or .txt.gz files"):
+    resolve_files(str(tmp_path / "empty"))
 
 
 # --- prepare -----------------------------------------------------------------
@@ -275,8 +295,8 @@ def test_load_and_ensure_prepared_errors(prepared, small_corpus, tmp_path):
     ensure_prepared(out, str(tmp_path), 128)
   with pytest.raises(FileNotFoundError, match="missing.model"):
     ensure_prepared(str(root / "doc*"), str(tmp_path), SEQ_LEN, tokenizer=str(tmp_path / "missing.model"))
-  with pytest.raises(FileNotFoundError, match="is a directory but not a prepared spanlm dataset"):
-    ensure_prepared(str(root), str(tmp_path), SEQ_LEN)
+  with pytest.raises(FileNotFoundError, match="holds no .txt or .txt.gz files"):
+    ensure_prepared(str(tmp_path), str(tmp_path), SEQ_LEN)
 
 
 def test_ensure_prepared_trains_tokenizer_and_caches(small_corpus, tmp_path):

@@ -96,3 +96,24 @@ def test_workdir_that_cannot_be_created(tmp_path):
   blocker.write_text("not a directory")
   r = _cli(f"--workdir={blocker}/run")
   assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_reusing_a_donated_state_says_to_use_the_returned_one():
+  """A notebook cell `state, m = trainer.train_step(state0, batch)` run twice: state0 was donated."""
+  import spanlm
+  from spanlm import parallel
+  config = spanlm.load_config(os.path.join(ROOT, "experiments/span_bert.py:tiny"))
+  config.train.batch_size, config.train.seq_len = 8, 16
+  config.model.num_layers, config.model.hidden_size, config.model.intermediate_size = 1, 32, 64
+  tok = Tokenizer.load(sample.tokenizer_path())
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  trainer = spanlm.Trainer(config, tok.vocab_size, tok.word_start_table(), mesh)
+  state0 = trainer.init_state()
+  ids = np.tile(np.arange(5, 21, dtype=np.int32), (8, 1))
+  ids[:, 0], ids[:, -1] = CLS_ID, SEP_ID
+  batch = parallel.global_batch({"input_ids": ids, "segment_ids": np.zeros_like(ids)}, trainer.mesh)
+  state, _ = trainer.train_step(state0, batch)
+  with pytest.raises(ValueError, match="consumed \\(donated\\) by an earlier train_step; use the state it returned"):
+    trainer.train_step(state0, batch)
+  state, metrics = trainer.train_step(state, batch)  # the returned state works
+  assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))

@@ -34,6 +34,8 @@ def main(argv):
   import numpy as np
 
   from spanlm import convert
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # Orbax logs ~40 INFO lines per save
 
   try:
     check_out(_OUT.value)

@@ -8,8 +8,10 @@ import json
 from absl import app, flags
 
 from spanlm.data import prepare
+from spanlm.metrics import quiet_library_logs
 
-_INPUT = flags.DEFINE_string("input", None, "Glob(s), comma-separated, of .txt/.txt.gz files.", required=True)
+_INPUT = flags.DEFINE_string("input", None, "Files, folders or globs (comma-separated) of .txt/.txt.gz text.",
+                             required=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model (tools/train_tokenizer.py).",
                                  required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory (new, empty, or a previous identical run).",
@@ -24,6 +26,7 @@ _PACKING = flags.DEFINE_enum("packing", "document", list(prepare.PACKING_MODES),
 
 def main(argv):
   del argv
+  quiet_library_logs()
   stats = prepare.prepare_corpus(
       _INPUT.value, _TOKENIZER.value, _OUT.value, _SEQ_LEN.value,
       validation_fraction=_VALIDATION_FRACTION.value, num_threads=_NUM_THREADS.value,
@@ -35,7 +38,7 @@ def main(argv):
   print(f"  {stats['paragraphs']:,} paragraphs, {stats['characters']:,} characters, {stats['tokens']:,} tokens")
   print(f"  train: {stats['train_rows']:,} rows ({stats['train_tokens']:,} tokens); "
         f"validation: {stats['validation_rows']:,} rows ({stats['validation_tokens']:,} tokens); "
-        f"seq_len {stats['seq_len']}, vocab {stats['vocab_size']}")
+        f"seq_len {stats['seq_len']}, vocab {stats['vocab_size']}, [UNK] {stats['unk_fraction']:.2%} of tokens")
   print(f"  packing {stats['packing']}: padding is {stats['train_pad_fraction']:.1%} of train token slots")
   print(f"  tokenize+pack: {stats['tokens_per_sec']:,} tokens/s; "
         f"overall: {stats['overall_tokens_per_sec']:,} tokens/s ({stats['total_seconds']:.1f}s)")

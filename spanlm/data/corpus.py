@@ -20,7 +20,9 @@ from collections.abc import Iterator, Sequence
 
 from absl import logging
 
-_SKIP_HINT = "Remove it from the glob or pass --skip_bad_files (strict=False) to skip it."
+_SKIP_HINT = ("Remove it from the corpus, or skip bad files with --config.data.skip_bad_files=True "
+              "(spanlm.main) / --skip_bad_files (tools/*.py).")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
 
 # Project Gutenberg wraps each book in a licence header/footer delimited by
 # '*** START OF THE PROJECT GUTENBERG EBOOK ... ***' / '*** END OF ...'.
@@ -53,7 +55,7 @@ class CorpusStats:
 
 
 def resolve_files(pattern_or_list: str | Sequence[str]) -> list[str]:
-  """Expands a glob, comma-separated globs, or a list of globs/paths to sorted files."""
+  """Expands files, folders (their .txt/.txt.gz files), globs, comma-separated or a list, to sorted files."""
   patterns = pattern_or_list.split(",") if isinstance(pattern_or_list, str) else list(pattern_or_list)
   patterns = [os.path.expanduser(p.strip()) for p in patterns if p.strip()]
   if not patterns:
@@ -61,8 +63,12 @@ def resolve_files(pattern_or_list: str | Sequence[str]) -> list[str]:
   files = set()
   for pattern in patterns:
     if os.path.isdir(pattern):
-      raise FileNotFoundError(
-          f"{pattern!r} is a directory; pass a glob such as '{os.path.join(pattern, '*.txt')}'.")
+      matches = [f for f in glob.glob(os.path.join(pattern, "*")) if f.endswith(TEXT_SUFFIXES) and os.path.isfile(f)]
+      if not matches:
+        raise FileNotFoundError(f"Folder {pattern!r} holds no .txt or .txt.gz files (nor a prepared spanlm "
+                                f"dataset); pass a glob of your text files, e.g. '{os.path.join(pattern, '*.md')}'.")
+      files.update(matches)
+      continue
     matches = [f for f in glob.glob(pattern) if os.path.isfile(f)]
     if not matches:
       raise FileNotFoundError(f"No files match {pattern!r} (cwd: {os.getcwd()}).")

@@ -59,7 +59,8 @@ from absl import logging
 
 from spanlm.data import corpus as corpus_lib
 from spanlm.data import sample
-from spanlm.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer, train_sentencepiece
+from spanlm.data.tokenizer import (CLS_ID, PAD_ID, SEP_ID, UNK_ID, Tokenizer, check_unknown_share,
+                                   train_sentencepiece)
 
 META_FILE = "spanlm_meta.json"
 PACKING_MODES = ("document", "full_sentences", "packed")
@@ -80,6 +81,11 @@ class SpanlmCorpus(tfds.core.GeneratorBasedBuilder):
     self._rows = rows  # split -> feature name -> int32 [num_rows, seq_len]
     self._seq_len = seq_len
     super().__init__(**kwargs)
+
+  def _log_download_bytes(self):  # TFDS prints "Downloading and preparing ..."; nothing is downloaded
+    pass
+
+  _log_download_done = _log_download_bytes
 
   def _info(self) -> tfds.core.DatasetInfo:
     row = tfds.features.Tensor(shape=(self._seq_len,), dtype=np.int32)
@@ -235,7 +241,7 @@ def _read_meta(path) -> dict[str, Any] | None:
   from spanlm import workdir as workdir_lib
   try:
     return json.loads((workdir_lib.path(path) / META_FILE).read_text())
-  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # a text file is not a dataset
     return None
 
 
@@ -354,6 +360,8 @@ def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: in
   docs = corpus_lib.read_documents(files, strict=strict, stats=stats)
   doc_tokens = [t for t in _tokenize_documents(docs, tokenizer, num_threads) if len(t)]
   num_tokens = sum(len(t) for t in doc_tokens)
+  unk_fraction = check_unknown_share(sum(int(np.count_nonzero(t == UNK_ID)) for t in doc_tokens), num_tokens,
+                                     tokenizer_path)
   # Held-out share per document in 'document'-mode rows, then cut at the token level so every
   # packing mode holds out the same text.
   body = seq_len - 2
@@ -391,6 +399,7 @@ def prepare_corpus(files_or_glob, tokenizer_path: str, out_dir: str, seq_len: in
       "paragraphs": stats.paragraphs,
       "characters": stats.characters,
       "tokens": num_tokens,
+      "unk_fraction": round(unk_fraction, 5),
       "packing": packing,
       **{f"{name}_rows": len(rows["input_ids"]) for name, rows in splits.items()},
       **{f"{name}_tokens": _num_text_tokens(rows["input_ids"]) for name, rows in splits.items()},
@@ -437,14 +446,15 @@ def _file_key(path: str) -> list:
 
 def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
                     vocab_size: int = 8000, validation_fraction: float = 0.01,
-                    packing: str = "document") -> str:
+                    packing: str = "document", strict: bool = True) -> str:
   """Returns a prepared dataset directory for `corpus`, preparing it if needed.
 
   `corpus` is '' (the bundled sample, with its shipped tokenizer unless
-  `tokenizer` is given), a prepared dataset directory (used as is), or a glob
-  of raw text, prepared into `workdir/data/<hash of files, sizes, mtimes,
-  tokenizer, seq_len>` so rerunning the same command reuses it. With raw text
-  and no `tokenizer`, a `vocab_size` SentencePiece model is trained on it.
+  `tokenizer` is given), a prepared dataset directory (used as is), or raw
+  text: a file, a folder of .txt/.txt.gz files, or a glob, prepared into
+  `workdir/data/<hash of files, sizes, mtimes, tokenizer, seq_len>` so rerunning
+  the same command reuses it. With raw text and no `tokenizer`, a `vocab_size`
+  SentencePiece model is trained on it. `strict=False` skips bad files.
 
   With several JAX processes, process 0 prepares and the others wait at a
   barrier; `workdir` must be on a filesystem all processes share, or gs://
@@ -473,10 +483,6 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
     raise FileNotFoundError(f"{corpus!r} is not a prepared spanlm dataset ({META_FILE} missing); raw text "
                             f"must be local (or a gcsfuse mount): prepare it with tools/prepare_corpus.py "
                             f"and give the prepared folder, which may be on gs://")
-  if corpus and os.path.isdir(corpus):
-    raise FileNotFoundError(
-        f"{corpus!r} is a directory but not a prepared spanlm dataset ({META_FILE} or its TFDS files are "
-        f"missing). Pass a glob of raw text such as '{os.path.join(corpus, '*.txt')}', or prepare it with tools/prepare_corpus.py.")
   files = corpus_lib.resolve_files(corpus) if corpus else sample.corpus_files()
   tokenizer = local_file(tokenizer) if tokenizer else ("" if corpus else sample.tokenizer_path())
   if tokenizer and not os.path.isfile(tokenizer):
@@ -497,8 +503,8 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
     os.makedirs(os.path.dirname(local_out), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(local_out)) as tmp:
       if not tokenizer:
-        tokenizer = train_sentencepiece(files, os.path.join(tmp, f"sp{vocab_size}"), vocab_size)
-      prepare_corpus(files, tokenizer, local_out, seq_len, validation_fraction, packing=packing)
+        tokenizer = train_sentencepiece(files, os.path.join(tmp, f"sp{vocab_size}"), vocab_size, strict=strict)
+      prepare_corpus(files, tokenizer, local_out, seq_len, validation_fraction, packing=packing, strict=strict)
     if remote:
       if out.exists():
         out.rmtree()

@@ -13,10 +13,13 @@ returns lower-cased text.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+import time
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from absl import logging
 
 from spanlm.data import corpus
 
@@ -24,21 +27,94 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 NUM_RESERVED = 5
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORD_START = "\u2581"  # '▁', SentencePiece's marker for a preceding space.
+# SentencePiece drops "sentences" longer than max_sentence_length *bytes* (and fails with
+# `[!sentences_.empty()]` when nothing is left): paragraphs are cut into pieces of at most this
+# many characters (<= 4 UTF-8 bytes each), at a space where there is one.
+MAX_PIECE_CHARS = 1 << 14
+MAX_UNKNOWN_SHARE = 0.01  # above this share of [UNK] tokens, preparation warns
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
+def split_long(paragraph: str, limit: int = MAX_PIECE_CHARS) -> Iterator[str]:
+  """`paragraph` in pieces of at most `limit` characters, cut at the last space when there is one."""
+  while len(paragraph) > limit:
+    cut = paragraph.rfind(" ", limit // 2, limit)
+    cut = cut if cut > 0 else limit
+    yield paragraph[:cut]
+    paragraph = paragraph[cut:].lstrip(" ")
+  if paragraph:
+    yield paragraph
+
+
+def _training_text(files: Sequence[str], strict: bool, log_every: int = 100_000) -> Iterator[str]:
+  start, paragraphs, chars = time.perf_counter(), 0, 0
+  for paragraph in corpus.iter_paragraphs(files, strict=strict):
+    for piece in split_long(paragraph):
+      paragraphs += 1
+      chars += len(piece)
+      if paragraphs % log_every == 0:
+        logging.info("tokenizer: read %d paragraphs (%.1f M characters) in %.0fs", paragraphs, chars / 1e6,
+                     time.perf_counter() - start)
+      yield piece
+  logging.info("tokenizer: read %d paragraphs (%.1f M characters) from %d file(s); fitting the pieces ...",
+               paragraphs, chars / 1e6, len(files))
 
 
 def train_sentencepiece(input_files: str | Sequence[str], model_prefix: str, vocab_size: int,
                         model_type: str = "unigram", input_sentence_size: int = 2_000_000,
-                        num_threads: int | None = None) -> str:
+                        num_threads: int | None = None, strict: bool = True) -> str:
   """Trains a SentencePiece model on a text corpus; returns the `.model` path.
 
-  Input goes through `corpus.read_documents` (one paragraph per sentence), so
-  `.txt.gz` works and Gutenberg boilerplate does not leak into the vocabulary.
-  Up to `input_sentence_size` paragraphs are sampled for training.
+  Input goes through `corpus.read_documents` (one paragraph per sentence, over-long
+  ones split by `split_long`), so `.txt.gz` works and Gutenberg boilerplate does
+  not leak into the vocabulary. Up to `input_sentence_size` paragraphs are
+  sampled for training. A corpus too small for `vocab_size` pieces gets the
+  largest vocabulary it supports, with a warning. `strict=False` skips bad files.
   """
   files = corpus.resolve_files(input_files)
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  start = time.perf_counter()
+  logging.info("tokenizer: training a %s SentencePiece model with %d pieces on %d file(s)", model_type,
+               vocab_size, len(files))
+  for _ in range(3):
+    try:
+      _train(files, model_prefix, vocab_size, model_type, input_sentence_size, num_threads, strict)
+      break
+    except RuntimeError as e:
+      too_high = _TOO_HIGH.search(str(e))
+      if not too_high:
+        raise ValueError(f"SentencePiece could not train on {len(files)} file(s): {e}") from None
+      supported = int(too_high.group(2))
+      if supported <= NUM_RESERVED + 1:
+        raise ValueError(f"the corpus is too small for a tokenizer: it supports only {supported} pieces; "
+                         f"add text") from None
+      logging.warning("tokenizer: the corpus supports at most %d pieces, not %d; training with "
+                      "vocab_size=%d (set config.data.vocab_size / --vocab_size=%d to silence this)",
+                      supported, vocab_size, supported, supported)
+      vocab_size = supported
+  else:
+    raise ValueError(f"SentencePiece kept refusing vocabulary sizes; pass --vocab_size={vocab_size // 2}")
+  path = model_prefix + ".model"
+  Tokenizer.load(path)  # Checks the reserved ids landed where they must.
+  logging.info("tokenizer: wrote %s (%d pieces) in %.0fs", path, vocab_size, time.perf_counter() - start)
+  return path
+
+
+def check_unknown_share(num_unknown: int, num_tokens: int, tokenizer_path: str) -> float:
+  """The share of [UNK] tokens; above MAX_UNKNOWN_SHARE, a warning naming it and the fix."""
+  share = num_unknown / max(num_tokens, 1)
+  if share > MAX_UNKNOWN_SHARE:
+    logging.warning(
+        "%.1f%% of the corpus's tokens are [UNK] (%d of %d): the tokenizer %s does not cover its "
+        "characters, and the model would learn to predict [UNK]. Train a tokenizer on this corpus "
+        "(leave config.data.tokenizer empty, or tools/train_tokenizer.py).", 100 * share, num_unknown,
+        num_tokens, tokenizer_path)
+  return share
+
+
+def _train(files, model_prefix, vocab_size, model_type, input_sentence_size, num_threads, strict):
   spm.SentencePieceTrainer.train(
-      sentence_iterator=corpus.iter_paragraphs(files),
+      sentence_iterator=_training_text(files, strict),
       model_prefix=model_prefix,
       vocab_size=vocab_size,
       model_type=model_type,
@@ -55,9 +131,6 @@ def train_sentencepiece(input_files: str | Sequence[str], model_prefix: str, voc
       user_defined_symbols=list(SPECIAL_TOKENS[CLS_ID:NUM_RESERVED]),
       minloglevel=2,
   )
-  path = model_prefix + ".model"
-  Tokenizer.load(path)  # Checks the reserved ids landed where they must.
-  return path
 
 
 class Tokenizer:
