@@ -62,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_position_embeddings = 512  # longest sequence the model accepts
   c.model.dropout_rate = 0.1
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-  c.model.attention_impl = ""  # "" (XLA decides) | xla | cudnn
+  c.model.attention_impl = "auto"  # auto (cuDNN on GPU in bf16, splash on TPU, else XLA) | xla | cudnn | splash
+  c.model.scan_layers = config_dict.placeholder(bool)  # nn.scan over layers (None = from 6 layers up)
   c.model.vocab_multiple = 128  # embedding rows padded to a multiple of this (sharding, MXU)
   c.model.embedding_size = config_dict.placeholder(int)  # ALBERT factorized embeddings E (None = hidden_size)
   c.model.share_layers = "none"  # ALBERT cross-layer sharing: none | all | attention | ffn
@@ -161,7 +162,7 @@ def cpu_tiny(c: ml_collections.ConfigDict) -> None:
 _CHOICES = {
     ("model", "size"): tuple(PRESETS),
     ("model", "dtype"): ("float32", "bfloat16"),
-    ("model", "attention_impl"): ("", "xla", "cudnn"),
+    ("model", "attention_impl"): ("", "auto", "xla", "cudnn", "splash"),
     ("model", "remat"): ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     ("data", "packing"): ("document", "full_sentences", "packed"),
     ("masking", "scheme"): ("token", "whole_word", "span", "ngram"),

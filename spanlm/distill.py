@@ -38,7 +38,8 @@ import ml_collections
 import numpy as np
 
 from spanlm import masking, objectives, parallel, pretraining
-from spanlm.models.bert import BertConfig, Embeddings, EncoderLayer, SelfAttention, dense
+from spanlm.models.bert import (BertConfig, Embeddings, EncoderLayer, SelfAttention, dense, to_layout,
+                               unstack_layers)
 from spanlm.models.heads import BertForPretraining
 
 SAMPLE_TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "sample", "sample_sp8k.model")
@@ -127,7 +128,7 @@ def _capture(mdl, method_name):
 
 def internals(intermediates, cfg: BertConfig, attention_mask):
   """(hidden states [emb, layer_1..layer_n] each [B, L, H], attention probs each [B, h, L, L])."""
-  enc = intermediates["encoder"]
+  enc = unstack_layers(intermediates["encoder"])  # scanned layers: [layers, ...] -> per layer
   hidden = [enc["embeddings"]["__call__"][0]]
   probs = []
   mask = attention_mask.astype(bool)[:, None, None, :]
@@ -205,6 +206,7 @@ class Distill(pretraining.MaskedLM):
                        f"vocabulary give {self.teacher_cfg.vocab_size}: not the same vocabulary")
     self.teacher = BertForPretraining(self.teacher_cfg)
     self._teacher_raw = {k: raw[k] for k in ("encoder", "mlm_transform", "mlm_bias")}
+    self._teacher_raw["encoder"] = to_layout(raw["encoder"], self.teacher_cfg.scanned)
     super().__init__(config, vocab_size, word_start_table)
     if self.model.cfg.vocab_size != self.teacher_cfg.vocab_size:
       raise ValueError(f"student embedding rows {self.model.cfg.vocab_size} != teacher's "
