@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # SentencePiece .model; "" = the sample's, or trained on the corpus
   c.data.vocab_size = 8000  # vocabulary size when a tokenizer has to be trained
   c.data.validation_fraction = 0.01  # held-out share of each document's rows
+  c.data.num_workers = 0  # grain worker processes reading and batching rows (0 = in the main process)
+  c.data.prefetch = 2  # batches read ahead per worker and staged on device ahead of the step
   c.data.packing = "document"  # rows: document (never cross documents) | full_sentences
   #   (RoBERTa: fill across documents, [SEP] between) | packed (short documents share a row,
   #   attention blocked between them, positions restart); see spanlm/data/prepare.py

@@ -240,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the last logged train metrics and the last evaluation.
   """
-  from spanlm.data import pipeline, prepare  # data is only needed by the loop
+  from spanlm.data import pipeline, prefetch, prepare  # data is only needed by the loop
   from spanlm.data.tokenizer import Tokenizer
 
   configs.validate(config)
@@ -267,9 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_iter = pipeline.train_iterator(dataset.train, global_batch_size=t.batch_size, seed=config.seed,
                                        process_index=jax.process_index(),
-                                       process_count=jax.process_count())
-  eval_data = [_local_rows(b) for b in pipeline.eval_batches(
-      dataset.validation, batch_size=t.batch_size, max_batches=t.eval_batches or None)]
+                                       process_count=jax.process_count(),
+                                       num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+  eval_data = prefetch.Reiterable(lambda: (_local_rows(b) for b in pipeline.iter_eval_batches(
+      dataset.validation, batch_size=t.batch_size, max_batches=t.eval_batches or None)))
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)
   restored = checkpointer.restore_latest(trainer.abstract_state)  # newest intact one (falls back)
   if restored is None:
@@ -289,6 +290,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
     return {"step": start, "complete": True}
 
+  # The next global batch is read and put on device in a thread while the current step runs.
+  train_iter = prefetch.DevicePrefetcher(train_iter, lambda local: parallel.global_batch(local, mesh),
+                                         depth=config.data.prefetch)
   writer = MetricsWriter(workdir)
   tokens_per_step = t.batch_size * t.seq_len
   history, last_eval, last_train = [], {}, {}
@@ -308,8 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   guard = resilience.PreemptionGuard().__enter__()  # SIGTERM -> finish the step, save, exit 0
   try:
     for step in range(start + 1, last + 1):
-      local = next(train_iter)
-      state, metrics = trainer.train_step(state, parallel.global_batch(local, mesh))
+      state, metrics = trainer.train_step(state, next(train_iter))
       observe(in_flight)
       in_flight = (step, metrics)
       history.append(metrics)
@@ -327,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_train = {f"train/{k}": v for k, v in means.items() if k != "learning_rate"}
         last_train.update(learning_rate=means["learning_rate"], steps_per_sec=steps_per_sec,
                           tokens_per_sec=steps_per_sec * tokens_per_step)
+        # Time blocked on the next batch / time per step (0 = the input never stalled the loop).
+        last_train["perf/input_wait_fraction"] = train_iter.take_wait_fraction()
         writer.write(step, last_train)
         logging.info("step %d/%d | %s | lr %.2e | %.2f steps/s | "
                      "%.0f tok/s | ETA %s", step, t.num_steps, trainer.objective.log_summary(means),
@@ -337,9 +342,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_eval = trainer.evaluate(state.params, eval_data)
         writer.write(step, last_eval)
         logging.info("eval step %d | held-out %s", step, trainer.objective.eval_summary(last_eval))
+        train_iter.exclude_interval()  # evaluation time is not input wait's denominator
       preempted = guard.reached(step)
       if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last or preempted:
         checkpointer.save(step, state, {"iterator": train_iter.get_state()})
+        train_iter.exclude_interval()
       if preempted:
         logging.warning("preemption signal (%s): stopped after step %d with a checkpoint; rerun "
                         "the same command to continue", guard.signal_name or "sync point", step)
@@ -347,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     observe(in_flight)
   finally:
     guard.__exit__(None, None, None)
+    train_iter.close()
     checkpointer.close()
     writer.close()
   logging.info("done: step %d, checkpoint in %s", step, checkpointer.directory)

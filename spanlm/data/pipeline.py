@@ -53,13 +53,16 @@ def eval_batches(source, *, batch_size: int, max_batches: int | None = None) -> 
   Padding rows are all zeros ([PAD] = 0 everywhere), so they contain no
   maskable tokens and do not change masked-LM metrics; nothing is dropped.
   """
+  return list(iter_eval_batches(source, batch_size=batch_size, max_batches=max_batches))
+
+
+def iter_eval_batches(source, *, batch_size: int, max_batches: int | None = None):
+  """`eval_batches`, one batch read at a time (the training loop's held-out set: nothing read at start-up)."""
   num_batches = -(-len(source) // batch_size)
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
-  batches = []
   for b in range(num_batches):
     rows = [source[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(source)))]
     batch: dict[str, Any] = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     missing = batch_size - len(rows)
-    batches.append({k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()})
-  return batches
+    yield {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
