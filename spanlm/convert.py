@@ -16,7 +16,7 @@ attention projections are DenseGeneral with kernel [H, heads, head_dim]
 
 Converted checkpoints store the unrolled layout (`layer_0 ...`, as HF numbers its
 layers); a scanned model's stacked `layers` are unstacked on save and export, and
-`bert.to_layout` stacks them again where a scanned model loads them.
+`load_converted` stacks them again when the config scans its layers.
 """
 
 from __future__ import annotations
@@ -189,7 +189,11 @@ def save_converted(out_dir: str, cfg: BertConfig, params: dict, tokenizer) -> st
 
 
 def load_converted(path: str, tokenizer: str | None = None):
-  """(BertConfig, encoder params as numpy (unrolled layout), tokenizer) from a converted checkpoint."""
+  """(BertConfig, encoder params as numpy, tokenizer) from a converted checkpoint.
+
+  The params come in the layout of `BertEncoder(cfg)`: stacked `layers` when cfg scans its
+  layers (6 or more, by default), else `layer_0 ...` as stored.
+  """
   import orbax.checkpoint as ocp
 
   from spanlm.data import wordpiece
@@ -203,6 +207,7 @@ def load_converted(path: str, tokenizer: str | None = None):
   with ocp.StandardCheckpointer() as ckptr:
     raw = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
   params = tu.unflatten_dict({k: np.asarray(v) for k, v in tu.flatten_dict(raw["encoder"]).items()})
+  params = to_layout(params, cfg.scanned)
   tok = wordpiece.load_tokenizer(tokenizer or os.path.join(path, meta["tokenizer"]))
   check_vocab(tok, cfg)
   return cfg, params, tok

@@ -313,6 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for step in range(start + 1, last + 1):
       state, metrics = trainer.train_step(state, next(train_iter))
+      if step == start + 1:
+        train_iter.exclude_interval()  # the first step compiles: not a step time
       observe(in_flight)
       in_flight = (step, metrics)
       history.append(metrics)
