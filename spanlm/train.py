@@ -272,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_data = prefetch.Reiterable(lambda: (_local_rows(b) for b in pipeline.iter_eval_batches(
       dataset.validation, batch_size=t.batch_size, max_batches=t.eval_batches or None)))
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)
-  restored = checkpointer.restore_latest(trainer.abstract_state)  # newest intact one (falls back)
+  restored = _restore(checkpointer, trainer)  # newest intact one (falls back)
   if restored is None:
     state = trainer.init_state()
     if config.get("ewc") and config.ewc.get("init_from_theta"):  # EWC task B continues from task A
@@ -361,6 +361,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   logging.info("done: step %d, checkpoint in %s", step, checkpointer.directory)
   return {"step": step, **last_train, **last_eval, **({"preempted": True} if preempted else {})}
+
+
+def _restore(checkpointer, trainer):
+  """restore_latest, also of a checkpoint written with the other layer layout (scanned/unrolled)."""
+  from spanlm.models.bert import convert_encoders
+
+  scanned = trainer.model.cfg.scanned
+  try:
+    return checkpointer.restore_latest(trainer.abstract_state)
+  except ValueError as mismatch:
+    try:
+      restored = checkpointer.restore_latest(convert_encoders(trainer.abstract_state, not scanned))
+    except ValueError:
+      raise mismatch from None
+    if restored is None:
+      raise mismatch from None
+    step, state, data = restored
+    logging.info("checkpoint step %d has the other layer layout: converted (scan_layers=%s)", step, scanned)
+    return step, jax.device_put(convert_encoders(state, scanned), trainer.state_shardings), data
 
 
 def _check_workdir(workdir: str) -> None:

@@ -133,3 +133,22 @@ def test_cudnn_kernel_matches_xla(qkv, packed):
   q, k, v, valid, packing = qkv
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   _compare_with_xla(A.cudnn_attention, q, k, v, valid, packing if packed else None, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_encoder_on_the_splash_kernel_equals_the_xla_encoder(qkv):
+  """The encoder hands padding and packed documents to the kernel (as segment ids) correctly."""
+  import dataclasses
+
+  import flax.linen as nn
+
+  from spanlm.models.bert import BertConfig, BertEncoder
+  _, _, _, valid, packing = qkv
+  cfg = BertConfig(vocab_size=50, num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32,
+                   max_position_embeddings=T, attention_impl="xla")
+  ids = jnp.asarray(np.random.default_rng(1).integers(5, 50, (B, T)), jnp.int32)
+  params = nn.meta.unbox(jax.jit(BertEncoder(cfg).init)(jax.random.PRNGKey(0), ids)["params"])
+  run = lambda c: jax.jit(lambda p: BertEncoder(c).apply({"params": p}, ids, attention_mask=valid,
+                                                         packing_ids=packing))(params)
+  x_xla, x_splash = run(cfg), run(dataclasses.replace(cfg, attention_impl="splash"))
+  np.testing.assert_allclose(_real(x_splash[:, :, None, :], valid), _real(x_xla[:, :, None, :], valid), atol=1e-5)

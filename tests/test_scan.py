@@ -156,3 +156,37 @@ def test_scan_is_the_default_from_six_layers():
   assert not BertConfig(vocab_size=8, num_layers=4, hidden_size=8, num_heads=2).scanned
   assert BertConfig(vocab_size=8, num_layers=6, hidden_size=8, num_heads=2).scanned
   assert not BertConfig(vocab_size=8, num_layers=12, hidden_size=8, num_heads=2, scan_layers=False).scanned
+
+
+@pytest.mark.slow
+def test_training_checkpoint_of_the_other_layout_is_converted_on_restore(tmp_path):
+  """A TrainState saved unrolled (before layers were scanned) resumes into a scanned trainer:
+  parameters and Adam moments land stacked, with the same numbers."""
+  import os
+
+  import spanlm
+  from spanlm import parallel, train
+  from spanlm.checkpoint import Checkpointer
+
+  def trainer(scan):
+    c = spanlm.load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "bert.py:tiny"))
+    c.model.num_layers, c.model.hidden_size, c.model.num_heads, c.model.intermediate_size = 2, 16, 2, 32
+    c.model.scan_layers, c.model.vocab_multiple, c.train.seq_len = scan, 8, 16
+    return spanlm.Trainer(c, 64, np.ones(64, bool), parallel.make_mesh(c.mesh, jax.devices()[:1]))
+
+  old = trainer(False)
+  state = old.init_state()
+  state = state.replace(opt_state=jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, state.opt_state))
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(3, state, {"iterator": {}})
+  ckpt.close()
+  new = trainer(True)
+  ckpt = Checkpointer(str(tmp_path))
+  step, restored, _ = train._restore(ckpt, new)
+  ckpt.close()
+  assert step == 3
+  assert restored.params["encoder"]["layers"]["output"]["kernel"].shape == (2, 32, 16)
+  want = jax.tree.leaves(stack_layers(jax.tree.map(np.asarray, state.params["encoder"])))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored.params["encoder"]), want))
+  mu = [x for x in jax.tree.leaves(restored.opt_state) if getattr(x, "ndim", 0) == 3 and x.shape[:2] == (2, 32)]
+  assert mu and all(np.all(np.asarray(m) != 0) for m in mu)  # moments (init 0, +1 above) came across

@@ -383,17 +383,34 @@ def _layer_keys(tree: dict) -> list[str]:
   return [f"layer_{i}" for i in range(n)]
 
 
+def _stack(*xs):
+  x = xs[0]
+  if isinstance(x, jax.ShapeDtypeStruct):  # an abstract restore target: the stacked axis is replicated
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(xs),) + tuple(x.shape), x.dtype, sharding=sharding)
+  return np.stack([np.asarray(v) for v in xs]) if isinstance(x, np.ndarray) else jnp.stack(xs)
+
+
+def _index(x, i):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype, sharding=sharding)
+  return x[i]
+
+
 def stack_layers(tree):
   """Unrolled -> scanned: `layer_0 ... layer_{n-1}` become `layers` with each leaf stacked on a
-  new leading axis. Works on params, optimizer moments or sown collections alike; a tree without
-  `layer_0` is returned as is."""
+  new leading axis. Works on params, optimizer moments, sown collections or abstract
+  (ShapeDtypeStruct) trees alike; a tree without `layer_0` is returned as is."""
   if not isinstance(tree, dict) or "layer_0" not in tree:
     return tree
   keys = _layer_keys(tree)
   out = {k: v for k, v in tree.items() if k not in keys}
-  out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs])
-                               if isinstance(xs[0], np.ndarray) else jnp.stack(xs),
-                               *[tree[k] for k in keys])
+  out["layers"] = jax.tree.map(_stack, *[tree[k] for k in keys])
   return out
 
 
@@ -401,13 +418,29 @@ def unstack_layers(tree):
   """Scanned -> unrolled: `layers` (leaves [n, ...]) becomes `layer_0 ... layer_{n-1}`."""
   if not isinstance(tree, dict) or "layers" not in tree:
     return tree
-  n = len(jax.tree.leaves(tree["layers"])[0])
+  n = jax.tree.leaves(tree["layers"])[0].shape[0]
   out = {k: v for k, v in tree.items() if k != "layers"}
   for i in range(n):
-    out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+    out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: _index(x, i), tree["layers"])
   return out
 
 
 def to_layout(encoder_tree, scanned: bool):
   """Encoder params (or a sown collection) in the scanned (True) or unrolled (False) layout."""
   return stack_layers(encoder_tree) if scanned else unstack_layers(encoder_tree)
+
+
+def convert_encoders(tree, scanned: bool):
+  """Every `encoder` subtree anywhere in `tree` (a TrainState: params and each optimizer moment)
+  in the scanned or unrolled layout: how a checkpoint written in the other layout is restored."""
+  if isinstance(tree, dict):
+    return {k: to_layout(v, scanned) if k == "encoder" and isinstance(v, dict) else convert_encoders(v, scanned)
+            for k, v in tree.items()}
+  if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+    return dataclasses.replace(tree, **{f.name: convert_encoders(getattr(tree, f.name), scanned)
+                                        for f in dataclasses.fields(tree) if f.init})
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple optimizer states
+    return type(tree)(*(convert_encoders(v, scanned) for v in tree))
+  if isinstance(tree, (tuple, list)):
+    return type(tree)(convert_encoders(v, scanned) for v in tree)
+  return tree
