@@ -190,3 +190,26 @@ def test_training_checkpoint_of_the_other_layout_is_converted_on_restore(tmp_pat
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored.params["encoder"]), want))
   mu = [x for x in jax.tree.leaves(restored.opt_state) if getattr(x, "ndim", 0) == 3 and x.shape[:2] == (2, 32)]
   assert mu and all(np.all(np.asarray(m) != 0) for m in mu)  # moments (init 0, +1 above) came across
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_trust_ratios_stay_per_layer_when_layers_are_stacked(name):
+  """LAMB/LARS are layer-wise: on stacked (scanned) parameters each layer's slice gets its own
+  trust ratio, so the update equals the one on the unrolled tree."""
+  from spanlm.optim.lamb import TrustRatioState, lamb
+  from spanlm.optim.lars import lars
+  rng = np.random.default_rng(0)
+  unrolled = {"encoder": {f"layer_{i}": {"kernel": jnp.asarray(rng.normal(size=(4, 3)) * (i + 1), jnp.float32),
+                                         "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+                          for i in range(3)}}
+  grads_u = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32) * 10, unrolled)
+  stacked = {"encoder": stack_layers(unrolled["encoder"])}
+  grads_s = {"encoder": stack_layers(grads_u["encoder"])}
+  tx = lamb(1e-2, weight_decay=0.01) if name == "lamb" else lars(1e-2, weight_decay=0.01)
+  up_u, st_u = tx.update(grads_u, tx.init(unrolled), unrolled)
+  up_s, st_s = tx.update(grads_s, tx.init(stacked), stacked)
+  for a, b in zip(jax.tree.leaves(unstack_layers(up_s["encoder"])), jax.tree.leaves(up_u["encoder"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+  ratios = lambda st: sorted(np.concatenate([np.ravel(x.trust_ratio) for x in jax.tree.leaves(
+      st, is_leaf=lambda n: isinstance(n, TrustRatioState)) if isinstance(x, TrustRatioState)]))
+  np.testing.assert_allclose(ratios(st_s), ratios(st_u), rtol=1e-5)
