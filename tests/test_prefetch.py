@@ -33,8 +33,10 @@ def test_batches_in_order_and_state_of_the_last_one_handed_out():
   host = Counter(n=20)
   it = DevicePrefetcher(host, lambda x: x * 10, depth=3)
   assert it.get_state() == {"pos": 0}
-  got = [next(it) for _ in range(5)]
-  time.sleep(0.2)  # the thread reads ahead: up to depth staged + one in hand
+  got = []
+  for _ in range(5):
+    got.append(next(it))
+    time.sleep(0.1)  # the thread reads ahead meanwhile: up to depth staged + one in hand
   assert got == [0, 10, 20, 30, 40]
   assert host.pos > 5  # read ahead of the consumer ...
   assert it.get_state() == {"pos": 5}  # ... but a checkpoint resumes after batch 5, not later
@@ -51,15 +53,14 @@ def test_errors_in_the_reader_surface_in_next():
 
 
 def test_reading_overlaps_the_step_and_the_wait_fraction_says_so():
-  # Reading takes 20 ms, a step 50 ms: staged ahead, the loop never waits after the first batch.
-  it = DevicePrefetcher(Counter(delay=0.02), lambda x: x, depth=2)
+  # Reading takes 40 ms, a step 60 ms: staged ahead, the loop (almost) never waits after the first
+  # batch; read in turn instead of ahead, it would wait 40 of every 100 ms (fraction 0.4).
+  it = DevicePrefetcher(Counter(delay=0.04), lambda x: x, depth=2)
   next(it)
-  t0 = time.perf_counter()
   for _ in range(10):
-    time.sleep(0.05)  # the "step"
+    time.sleep(0.06)  # the "step"
     next(it)
-  assert time.perf_counter() - t0 < 10 * 0.05 + 0.15  # not 10 * (50 + 20) ms
-  assert it.take_wait_fraction() < 0.1
+  assert it.take_wait_fraction() < 0.2
   it.close()
   # Reading slower than the step: the loop waits ~ (80 - 20) / 80 of the time.
   it = DevicePrefetcher(Counter(delay=0.08), lambda x: x, depth=2)
