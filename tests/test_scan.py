@@ -93,8 +93,9 @@ def test_albert_all_shared_scans_with_one_parameter_set(setup):
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grad_s), jax.tree.leaves(grad_u)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
-  with pytest.raises(NotImplementedError, match="scan_layers=False"):
-    jax.eval_shape(BertEncoder(dataclasses.replace(CFG, share_layers="ffn")).init, jax.random.PRNGKey(0), ids)
+  with pytest.raises(ValueError, match="set scan_layers=False"):
+    dataclasses.replace(CFG, share_layers="ffn")
+  assert not BertConfig(vocab_size=8, num_layers=12, hidden_size=8, num_heads=2, share_layers="attention").scanned
 
 
 def test_scanned_capture_stacks_scores_and_probs_per_layer(setup):

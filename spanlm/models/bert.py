@@ -102,6 +102,9 @@ class BertConfig:
     object.__setattr__(self, "head_mask", tuple(self.head_mask))  # hashable: modules hash their config
     head_keep(self, 0)  # validates head_mask early
     attn_lib.resolve(self.attention_impl, self.dtype, platform="cpu")  # validates the name
+    if self.scan_layers and self.share_layers in ("attention", "ffn"):
+      raise ValueError(f"scan_layers=True with share_layers={self.share_layers!r} is not supported (the "
+                       f"shared sub-block would live outside the scan); set scan_layers=False or None")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if self.hidden_size % self.num_heads:
@@ -111,8 +114,8 @@ class BertConfig:
   @property
   def scanned(self) -> bool:
     """Layers run under nn.scan (parameters stacked on a leading `layers` axis)."""
-    if self.scan_layers is None:
-      return self.num_layers >= SCAN_MIN_LAYERS
+    if self.scan_layers is None:  # partly shared (ALBERT attention/ffn) layers stay unrolled
+      return self.num_layers >= SCAN_MIN_LAYERS and self.share_layers not in ("attention", "ffn")
     return bool(self.scan_layers)
 
   @property
@@ -321,10 +324,6 @@ class BertEncoder(nn.Module):
     if share == "ffn":
       shared["shared_ffn"] = FeedForward(cfg, name="shared_ffn")
     if cfg.scanned:
-      if share in ("attention", "ffn"):
-        raise NotImplementedError(
-            f"scan_layers with share_layers={share!r}: the shared sub-block would be a module from "
-            f"outside the scan; set --config.model.scan_layers=False")
       # 'all': one parameter set broadcast to every step (same layout as unrolled: layer_shared);
       # else parameters (and sown collections) stacked along a leading `layers` axis.
       stacked = share == "none"
