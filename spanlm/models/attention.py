@@ -110,8 +110,10 @@ def _splash_kernel(num_heads: int, seq_len: int, block: int, interpret: bool):
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  with jax.ensure_compile_time_eval():  # the cached kernel's mask tables must be concrete, not
+    # tracers of whichever jit first built it
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def splash_attention(q, k, v, valid, packing_ids=None, *, block: int = 512, interpret: bool = False):
