@@ -73,6 +73,7 @@ def tiny(c):
 def get_config(arg=None):
   c = base_config()
   c.model.size = "base"
+  c.model.dtype = "bfloat16"  # compute dtype; fp32 master weights, fp32 logits/loss/softmax
   c.model.embedding_size = 128
   c.model.share_layers = "all"
   c.model.dropout_rate = 0.1

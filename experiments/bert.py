@@ -47,6 +47,7 @@ def nsp_tiny(c):
 def get_config(arg=None):
   c = base_config()
   c.model.size = "base"
+  c.model.dtype = "bfloat16"  # compute dtype; fp32 master weights, fp32 logits/loss/softmax
   c.masking.scheme = "token"
   c.masking.rate = 0.15
   c.objective.sbo = False

@@ -48,6 +48,7 @@ def tiny(c):
 
 def get_config(arg=None):
   c = base_config()
+  c.model.dtype = "bfloat16"  # compute dtype; fp32 master weights, fp32 logits/loss/softmax
   with c.unlocked():
     c.distill = distill.default_config()
   c.objective.name = "distill"

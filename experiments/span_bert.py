@@ -45,6 +45,7 @@ def tiny(c):
 def get_config(arg=None):
   c = base_config()
   c.model.size = "base"
+  c.model.dtype = "bfloat16"  # compute dtype; fp32 master weights, fp32 logits/loss/softmax
   c.masking.scheme = "span"
   c.masking.rate = 0.15
   c.masking.geometric_p = 0.2

@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # SentencePiece .model; "" = the sample's, or trained on the corpus
   c.data.vocab_size = 8000  # vocabulary size when a tokenizer has to be trained
   c.data.validation_fraction = 0.01  # held-out share of each document's rows
+  c.data.num_workers = 0  # grain worker processes reading and batching rows (0 = in the main process)
+  c.data.prefetch = 2  # batches read ahead per worker and staged on device ahead of the step
   c.data.packing = "document"  # rows: document (never cross documents) | full_sentences
   #   (RoBERTa: fill across documents, [SEP] between) | packed (short documents share a row,
   #   attention blocked between them, positions restart); see spanlm/data/prepare.py
@@ -63,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_position_embeddings = 512  # longest sequence the model accepts
   c.model.dropout_rate = 0.1
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-  c.model.attention_impl = ""  # "" (XLA decides) | xla | cudnn
+  c.model.attention_impl = "auto"  # auto (cuDNN on GPU in bf16, splash on TPU, else XLA) | xla | cudnn | splash
+  c.model.scan_layers = config_dict.placeholder(bool)  # nn.scan over layers (None = from 6 layers up)
   c.model.vocab_multiple = 128  # embedding rows padded to a multiple of this (sharding, MXU)
   c.model.embedding_size = config_dict.placeholder(int)  # ALBERT factorized embeddings E (None = hidden_size)
   c.model.share_layers = "none"  # ALBERT cross-layer sharing: none | all | attention | ffn
@@ -156,6 +159,7 @@ def with_preset(config: ml_collections.ConfigDict, arg: str | None, presets: dic
 def cpu_tiny(c: ml_collections.ConfigDict) -> None:
   """A BERT-tiny run that trains in about two minutes on two CPU cores."""
   c.model.size = "tiny"
+  c.model.dtype = "float32"  # CPUs have no fast bf16 matmul: tiny runs stay fp32
   c.model.dropout_rate = 0.0  # a short run underfits; dropout only slows it down
   c.train.num_steps = 500
   c.train.batch_size = 32
@@ -171,7 +175,7 @@ def cpu_tiny(c: ml_collections.ConfigDict) -> None:
 _CHOICES = {
     ("model", "size"): tuple(PRESETS),
     ("model", "dtype"): ("float32", "bfloat16"),
-    ("model", "attention_impl"): ("", "xla", "cudnn"),
+    ("model", "attention_impl"): ("", "auto", "xla", "cudnn", "splash"),
     ("model", "remat"): ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     ("data", "packing"): ("document", "full_sentences", "packed"),
     ("masking", "scheme"): ("token", "whole_word", "span", "ngram"),

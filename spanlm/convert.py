@@ -13,6 +13,10 @@ The mapping is a relabelling plus transposes and reshapes: a torch Linear holds
 W [out, in] and computes x W^T + b; flax Dense holds kernel [in, out]. The
 attention projections are DenseGeneral with kernel [H, heads, head_dim]
 (query/key/value) and [heads, head_dim, H] (output), i.e. W^T split per head.
+
+Converted checkpoints store the unrolled layout (`layer_0 ...`, as HF numbers its
+layers); a scanned model's stacked `layers` are unstacked on save and export, and
+`load_converted` stacks them again when the config scans its layers.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import flax.traverse_util as tu
 import numpy as np
 from absl import logging
 
-from spanlm.models.bert import BertConfig
+from spanlm.models.bert import BertConfig, to_layout, unstack_layers
 
 FORMAT_VERSION = 1
 META_FILE = "spanlm_model.json"
@@ -135,7 +139,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: BertConfig) -> dict:
 
 
 def params_to_hf(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
-  flat = tu.flatten_dict(params)
+  """HF tensors from encoder params in either layout (scanned `layers` or unrolled `layer_i`)."""
+  flat = tu.flatten_dict(unstack_layers(params))
   return {hf: np.ascontiguousarray(to_hf(np.asarray(flat[path], np.float32)))
           for path, hf, _, to_hf in _hf_names(cfg, ("pooler", "kernel") in flat)}
 
@@ -175,7 +180,7 @@ def save_converted(out_dir: str, cfg: BertConfig, params: dict, tokenizer) -> st
     shutil.rmtree(params_dir)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(params_dir, {"encoder": tu.unflatten_dict(
-        {k: np.asarray(v, np.float32) for k, v in tu.flatten_dict(params).items()})})
+        {k: np.asarray(v, np.float32) for k, v in tu.flatten_dict(unstack_layers(params)).items()})})
   meta = {"format_version": FORMAT_VERSION, "tokenizer": tok_file,
           **{k: getattr(cfg, k) for k in _SERIALIZED}}
   with open(os.path.join(out_dir, META_FILE), "w") as f:
@@ -184,7 +189,11 @@ def save_converted(out_dir: str, cfg: BertConfig, params: dict, tokenizer) -> st
 
 
 def load_converted(path: str, tokenizer: str | None = None):
-  """(BertConfig, encoder params as numpy, tokenizer) from a converted checkpoint."""
+  """(BertConfig, encoder params as numpy, tokenizer) from a converted checkpoint.
+
+  The params come in the layout of `BertEncoder(cfg)`: stacked `layers` when cfg scans its
+  layers (6 or more, by default), else `layer_0 ...` as stored.
+  """
   import orbax.checkpoint as ocp
 
   from spanlm.data import wordpiece
@@ -198,6 +207,7 @@ def load_converted(path: str, tokenizer: str | None = None):
   with ocp.StandardCheckpointer() as ckptr:
     raw = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
   params = tu.unflatten_dict({k: np.asarray(v) for k, v in tu.flatten_dict(raw["encoder"]).items()})
+  params = to_layout(params, cfg.scanned)
   tok = wordpiece.load_tokenizer(tokenizer or os.path.join(path, meta["tokenizer"]))
   check_vocab(tok, cfg)
   return cfg, params, tok
@@ -279,14 +289,19 @@ def embed_texts(cfg: BertConfig, params: dict, tokenizer, texts: list[str], max_
     ids[i, :len(r)] = r
   mask = (np.arange(length)[None] < np.array([len(r) for r in rows])[:, None]).astype(np.int32)
   model = BertEncoder(dataclasses.replace(cfg, use_pooler=False, dropout_rate=0.0))
-  encoder_params = {k: v for k, v in params.items() if k != "pooler"}
+  encoder_params = to_layout({k: v for k, v in params.items() if k != "pooler"}, model.cfg.scanned
+                              and cfg.share_layers == "none")
 
   @jax.jit
   def forward(p, i, m):
     if attentions:
       x, sown = model.apply({"params": p}, i, attention_mask=m, mutable=["attentions"])
-      probs = [sown["attentions"][f"layer_{j}"]["attention"]["probs"][0] for j in range(cfg.num_layers)] \
-          if cfg.share_layers == "none" else jax.tree.leaves(sown["attentions"])
+      if cfg.share_layers == "none":
+        sown = unstack_layers(sown["attentions"])
+        probs = [sown[f"layer_{j}"]["attention"]["probs"][0] for j in range(cfg.num_layers)]
+      else:  # one module: its sown tuple holds one entry per layer (stacked when scanned)
+        probs = [p for leaf in jax.tree.leaves(sown["attentions"]["layer_shared"]["attention"]["probs"])
+                 for p in (leaf if leaf.ndim == 5 else [leaf])]
       return x, jnp.stack(probs, axis=1)
     return model.apply({"params": p}, i, attention_mask=m), None
 

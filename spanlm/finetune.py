@@ -137,7 +137,8 @@ def load_encoder(config) -> tuple[BertConfig, Any, Any]:
   m = config.model
   common = dict(dropout_rate=m.dropout_rate, dtype=jnp.dtype(m.dtype),
                 attention_impl=m.attention_impl or None, use_pooler=True,
-                head_mask=m.head_mask)  # Kovaleva et al. 2019: heads disabled during fine-tuning
+                head_mask=m.head_mask,  # Kovaleva et al. 2019: heads disabled during fine-tuning
+                scan_layers=m.get("scan_layers"))
   if not path:
     tok = wordpiece.load_tokenizer(config.data.tokenizer or wordpiece.SAMPLE_TOKENIZER)
     overrides = {k: m[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")
@@ -182,8 +183,10 @@ def merge_encoder(params, pretrained, prefix="encoder"):
   """Copy pretrained arrays into params[prefix]; new ones (e.g. a pooler) keep their init, logged."""
   import flax.traverse_util as tu
 
+  from spanlm.models.bert import to_layout
+
   target = tu.flatten_dict(params[prefix])
-  source = tu.flatten_dict(pretrained)
+  source = tu.flatten_dict(to_layout(pretrained, "layers" in params[prefix]))  # scanned or unrolled
   missing = [k for k in target if k not in source]
   unused = [k for k in source if k not in target]
   for k, v in source.items():

@@ -99,15 +99,17 @@ def attention_probs(cfg, params, input_ids, segment_ids, attention_mask) -> np.n
   """[layers, N, heads, T, T] attention probabilities of a BertEncoder (one jitted forward)."""
   import jax
 
-  from spanlm.models.bert import BertEncoder
+  from spanlm.models.bert import BertEncoder, to_layout, unstack_layers
 
   if cfg.share_layers != "none":
     raise NotImplementedError("attention maps of ALBERT-shared layers are not collected per layer")
+  params = to_layout(params, cfg.scanned)  # either stored layout, the model's own
 
   @jax.jit
   def forward(ids, seg, mask):
     _, sown = BertEncoder(cfg).apply({"params": params}, ids, seg, mask, mutable=["attentions"])
-    return [sown["attentions"][f"layer_{j}"]["attention"]["probs"][0] for j in range(cfg.num_layers)]
+    sown = unstack_layers(sown["attentions"])  # scanned: [layers, ...] -> per layer
+    return [sown[f"layer_{j}"]["attention"]["probs"][0] for j in range(cfg.num_layers)]
 
   return np.stack(jax.device_get(forward(input_ids, segment_ids, attention_mask)))
 
@@ -184,9 +186,18 @@ def write_report(result: dict, probs: np.ndarray, special, lengths, out_dir: str
 def without_head(encoder_params: dict, layer: int, head: int) -> dict:
   """Encoder params in which (layer, head) contributes nothing: its rows of the attention output
   projection W_O [heads, head_dim, hidden] are zero. Equal to BertConfig.head_mask=('layer:head',)
-  (tests/test_heads.py), but one compiled model then serves every ablation."""
+  (tests/test_heads.py), but one compiled model then serves every ablation. Either layout
+  (scanned `layers` [n, heads, head_dim, hidden] or unrolled `layer_i`)."""
   import copy
   out = copy.copy(encoder_params)
+  if "layers" in out:  # scanned: the same rows of the stacked kernel's slice `layer`
+    stack = out["layers"] = copy.copy(out["layers"])
+    attn = stack["attention"] = copy.copy(stack["attention"])
+    proj = attn["output"] = copy.copy(attn["output"])
+    kernel = np.array(proj["kernel"])
+    kernel[layer, head] = 0.0
+    proj["kernel"] = kernel
+    return out
   layer_p = out[f"layer_{layer}"] = copy.copy(out[f"layer_{layer}"])
   attn = layer_p["attention"] = copy.copy(layer_p["attention"])
   proj = attn["output"] = copy.copy(attn["output"])

@@ -275,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the last logged train metrics and the last evaluation.
   """
   from spanlm import workdir as workdir_lib
-  from spanlm.data import pipeline  # data is only needed by the loop
+  from spanlm.data import pipeline, prefetch  # data is only needed by the loop
 
   configs.validate(config)
   t = config.train
@@ -291,11 +291,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Each process loads exactly the rows of each global batch that its devices hold.
   rows = parallel.batch_rows(mesh, t.batch_size)
   train_iter = pipeline.train_iterator(dataset.train, global_batch_size=t.batch_size, seed=config.seed,
-                                       rows=rows)
-  eval_data = pipeline.eval_batches(dataset.validation, batch_size=t.batch_size,
-                                    max_batches=t.eval_batches or None, rows=rows)
+                                       rows=rows, num_workers=config.data.num_workers,
+                                       prefetch=config.data.prefetch)
+  # Held-out rows are read batch by batch at each evaluation, nothing at start-up.
+  eval_data = prefetch.Reiterable(lambda: pipeline.iter_eval_batches(
+      dataset.validation, batch_size=t.batch_size, max_batches=t.eval_batches or None, rows=rows))
   checkpointer = wd.checkpointer(max_to_keep=t.keep_checkpoints)
-  restored = checkpointer.restore_latest(trainer.abstract_state)  # newest intact one (falls back)
+  restored = _restore(checkpointer, trainer)  # newest intact one (falls back; converts the layer layout)
   if restored is None:
     state = trainer.init_state()
     if config.get("ewc") and config.ewc.get("init_from_theta"):  # EWC task B continues from task A
@@ -313,6 +315,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
     return {"step": start, "complete": True}
 
+  # The next global batch is read and put on device in a thread while the current step runs.
+  train_iter = prefetch.DevicePrefetcher(train_iter, lambda local: parallel.global_batch(local, mesh, t.batch_size),
+                                         depth=config.data.prefetch)
   writer = MetricsWriter(wd.root)
   tokens_per_step = t.batch_size * t.seq_len
   history, last_eval, last_train = [], {}, {}
@@ -332,8 +337,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   guard = resilience.PreemptionGuard().__enter__()  # SIGTERM -> finish the step, save, exit 0
   try:
     for step in range(start + 1, last + 1):
-      local = next(train_iter)
-      state, metrics = trainer.train_step(state, parallel.global_batch(local, mesh, t.batch_size))
+      state, metrics = trainer.train_step(state, next(train_iter))
+      if step == start + 1:
+        train_iter.exclude_interval()  # the first step compiles: not a step time
       observe(in_flight)
       in_flight = (step, metrics)
       history.append(metrics)
@@ -351,6 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_train = {f"train/{k}": v for k, v in means.items() if k != "learning_rate"}
         last_train.update(learning_rate=means["learning_rate"], steps_per_sec=steps_per_sec,
                           tokens_per_sec=steps_per_sec * tokens_per_step)
+        # Time blocked on the next batch / time per step (0 = the input never stalled the loop).
+        last_train["perf/input_wait_fraction"] = train_iter.take_wait_fraction()
         writer.write(step, last_train)
         logging.info("step %d/%d | %s | lr %.2e | %.2f steps/s | "
                      "%.0f tok/s | ETA %s", step, t.num_steps, trainer.objective.log_summary(means),
@@ -364,8 +372,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, last_eval)
         logging.info("eval step %d | held-out %s", step, _with_baseline(trainer.objective.eval_summary(last_eval),
                                                                         last_eval))
+        train_iter.exclude_interval()  # evaluation time is not input wait's denominator
       if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last or preempted:
         checkpointer.save(step, state, {"iterator": train_iter.get_state()})
+        train_iter.exclude_interval()
       if preempted:
         logging.warning("preemption signal (%s): stopped after step %d with a checkpoint; rerun "
                         "the same command to continue", guard.signal_name or "sync point", step)
@@ -373,6 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     observe(in_flight)
   finally:
     guard.__exit__(None, None, None)
+    train_iter.close()
     checkpointer.close()
     writer.close()
   if jax.process_index() == 0 and (png := plot_curves([wd.root], wd.root / "curves.png")):
@@ -389,4 +400,23 @@ def _with_baseline(summary: str, result: dict) -> str:
   first, _, rest = summary.partition(" | ")
   gap = 100 * (base - loss) / base
   return f"{first} (unigram baseline {base:.3f}: {abs(gap):.1f}% {'below' if gap >= 0 else 'above'}) | {rest}"
+
+
+def _restore(checkpointer, trainer):
+  """restore_latest, also of a checkpoint written with the other layer layout (scanned/unrolled)."""
+  from spanlm.models.bert import convert_encoders
+
+  scanned = trainer.model.cfg.scanned
+  try:
+    return checkpointer.restore_latest(trainer.abstract_state)
+  except ValueError as mismatch:
+    try:
+      restored = checkpointer.restore_latest(convert_encoders(trainer.abstract_state, not scanned))
+    except ValueError:
+      raise mismatch from None
+    if restored is None:
+      raise mismatch from None
+    step, state, data = restored
+    logging.info("checkpoint step %d has the other layer layout: converted (scan_layers=%s)", step, scanned)
+    return step, jax.device_put(convert_encoders(state, scanned), trainer.state_shardings), data
 

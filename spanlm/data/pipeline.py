@@ -75,14 +75,17 @@ def eval_batches(source, *, batch_size: int, max_batches: int | None = None,
   `rows` (ascending indices within a batch, `parallel.batch_rows`) loads only
   this process's rows of each batch; None = all of them.
   """
+  return list(iter_eval_batches(source, batch_size=batch_size, max_batches=max_batches, rows=rows))
+
+
+def iter_eval_batches(source, *, batch_size: int, max_batches: int | None = None, rows=None):
+  """`eval_batches`, one batch read at a time (the training loop's held-out set: nothing read at start-up)."""
   rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
   num_batches = -(-len(source) // batch_size)
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
-  batches = []
   for b in range(num_batches):
     loaded = [source[b * batch_size + int(r)] if b * batch_size + r < len(source) else None for r in rows]
     template = source[0]
-    batches.append({k: np.stack([x[k] if x is not None else np.zeros_like(template[k]) for x in loaded])
-                    for k in template})
-  return batches
+    yield {k: np.stack([x[k] if x is not None else np.zeros_like(template[k]) for x in loaded])
+           for k in template}

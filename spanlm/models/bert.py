@@ -5,10 +5,17 @@ and exact (erf) GELU, as in the original BERT. Every parameter carries logical
 axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `pos`, `type`); the mapping
 to mesh axes lives in `spanlm.parallel`, so the model never names a device.
 
-Attention goes through `jax.nn.dot_product_attention` (cuDNN flash attention on
-GPU when `attention_impl='cudnn'`). That function has no dropout on attention
-probabilities, so BERT's attention dropout is not applied; hidden-state dropout
-is. Parameters are float32; `dtype` sets the compute dtype (bf16 for speed).
+Attention runs on the backend's fused kernel (`spanlm.models.attention`: cuDNN on
+GPU, Pallas splash on TPU, XLA elsewhere; `attention_impl`). BERT's dropout on
+attention probabilities (= `dropout_rate`) is applied on the XLA path only: the
+kernels have none (docs/performance.md). Parameters are float32; `dtype` sets
+the compute dtype (bf16 for speed).
+
+Layers are scanned (`nn.scan`, one compiled layer body, parameters stacked on a
+leading `layers` axis under `encoder/layers`) when `scan_layers` (default: from
+SCAN_MIN_LAYERS layers up), else unrolled as `encoder/layer_0 ...`. The two
+layouts hold the same numbers; `to_layout` converts either way (checkpoints,
+HF weights and sown collections are converted on load).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spanlm.models import attention as attn_lib
 from spanlm.parallel import constrain
 
 # Sizes from Devlin et al. 2019 (base, large) and Turc et al. 2019,
@@ -52,6 +60,11 @@ REMAT_POLICIES = {
 # (the rules live in spanlm.parallel; a no-op outside `parallel.activation_sharding`).
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
+# Scanning compiles one layer body instead of num_layers copies (compile time and HLO size flat in
+# depth: docs/performance.md); below this depth unrolled layers compile about as fast.
+SCAN_MIN_LAYERS = 6
+LAYERS_AXIS = "layers"  # logical name of the stacked parameters' leading axis (replicated)
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -68,7 +81,8 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-  attention_impl: str | None = None  # None (XLA picks), 'xla' or 'cudnn'
+  attention_impl: str | None = None  # None/'auto' (per backend), 'xla', 'cudnn' or 'splash'
+  scan_layers: bool | None = None  # nn.scan over layers; None = from SCAN_MIN_LAYERS layers up
   use_pooler: bool = False  # the [CLS] pooler, needed by NSP/SOP and classifiers
   remat: str = "none"  # activation checkpointing per layer: a key of REMAT_POLICIES
   # ALBERT (Lan et al. 2020, §3.1): embeddings of size E projected to H (V·E + E·H parameters
@@ -87,11 +101,22 @@ class BertConfig:
       object.__setattr__(self, "head_mask", tuple(h for h in self.head_mask.replace(" ", "").split(",") if h))
     object.__setattr__(self, "head_mask", tuple(self.head_mask))  # hashable: modules hash their config
     head_keep(self, 0)  # validates head_mask early
+    attn_lib.resolve(self.attention_impl, self.dtype, platform="cpu")  # validates the name
+    if self.scan_layers and self.share_layers in ("attention", "ffn"):
+      raise ValueError(f"scan_layers=True with share_layers={self.share_layers!r} is not supported (the "
+                       f"shared sub-block would live outside the scan); set scan_layers=False or None")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
+  @property
+  def scanned(self) -> bool:
+    """Layers run under nn.scan (parameters stacked on a leading `layers` axis)."""
+    if self.scan_layers is None:  # partly shared (ALBERT attention/ffn) layers stay unrolled
+      return self.num_layers >= SCAN_MIN_LAYERS and self.share_layers not in ("attention", "ffn")
+    return bool(self.scan_layers)
 
   @property
   def head_dim(self) -> int:
@@ -188,11 +213,20 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
+  """Multi-head self-attention. `mask` is (valid [B, S], packing_ids [B, S] or None), or a dense
+  boolean [B, 1, T|1, S] mask (always the XLA path). `keep` [heads] multiplies each head's context
+  (head masking); None = `head_keep(cfg, layer)`.
+
+  apply(..., mutable=['attentions']) sows, per layer, `scores` (pre-softmax q k^T / sqrt(d), fp32:
+  TinyBERT's attention loss) and `probs` (softmax: head analysis), each [B, heads, T, S]; the
+  fused kernels hide both, so capturing runs the XLA path.
+  """
+
   cfg: BertConfig
   layer: int = -1  # index in the encoder, for cfg.head_mask (-1: shared across layers)
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool):
+  def __call__(self, x, mask, deterministic: bool, keep=None):
     cfg = self.cfg
     shape = (cfg.num_heads, cfg.head_dim)
 
@@ -201,17 +235,22 @@ class SelfAttention(nn.Module):
                              bias_init=_zeros(("heads", "kv")), name=name)(x)
 
     q, k, v = proj("query"), proj("key"), proj("value")
-    if self.is_mutable_collection("attentions") and not self.is_initializing():  # init: all mutable
-      # apply(..., mutable=["attentions"]) (tools/embed.py --attentions): the fused kernel hides the
-      # probabilities, so compute softmax(q k^T / sqrt(d)) explicitly and sow it, [B, heads, T, S].
-      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(cfg.head_dim).astype(q.dtype)
-      probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1)
-      self.sow("attentions", "probs", probs)
-      self.sow("attentions", "scores", scores)  # pre-softmax, unmasked (TinyBERT's attention targets)
-      y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    dense = not isinstance(mask, tuple)
+    capture = self.is_mutable_collection("attentions") and not self.is_initializing()  # init: all mutable
+    impl = "xla" if dense or capture else attn_lib.resolve(cfg.attention_impl, cfg.dtype)
+    if impl == "xla":
+      full = mask if dense else attn_lib.dense_mask(*mask)
+      drop = not deterministic and cfg.dropout_rate > 0
+      y, scores, probs = attn_lib.xla_attention(
+          q, k, v, full, dropout_rate=cfg.dropout_rate,
+          dropout_rng=self.make_rng("dropout") if drop else None, deterministic=not drop)
+      if capture:
+        self.sow("attentions", "scores", scores)
+        self.sow("attentions", "probs", probs)
     else:
-      y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
-    keep = head_keep(cfg, self.layer)
+      y = attn_lib.attention(q, k, v, *mask, impl=impl)
+    if keep is None and self.layer >= 0:
+      keep = head_keep(cfg, self.layer)
     if keep is not None:  # y is [B, T, heads, head_dim]: zero the masked heads' context vectors
       y = y * jnp.asarray(keep, y.dtype)[:, None]
     y = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=cfg.dtype,
@@ -242,10 +281,10 @@ class EncoderLayer(nn.Module):
   layer: int = -1  # index in the encoder (for cfg.head_mask)
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool):
+  def __call__(self, x, mask, deterministic: bool, keep=None):
     cfg = self.cfg
     attention = self.shared_attention if self.shared_attention is not None else SelfAttention(cfg, layer=self.layer, name="attention")
-    x = layer_norm(cfg, "attention_norm")(x + attention(x, mask, deterministic))
+    x = layer_norm(cfg, "attention_norm")(x + attention(x, mask, deterministic, keep))
     if self.shared_ffn is not None:
       return layer_norm(cfg, "output_norm")(x + self.shared_ffn(x, deterministic))
     h = nn.gelu(dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(x), approximate=False)
@@ -254,28 +293,62 @@ class EncoderLayer(nn.Module):
     return layer_norm(cfg, "output_norm")(x + h)
 
 
+def head_keeps(cfg: BertConfig):
+  """[num_layers, num_heads] head multipliers (the scanned input of head masking), or None."""
+  if not cfg.head_mask:
+    return None
+  ones = np.ones(cfg.num_heads, np.float32)
+  return np.stack([k if (k := head_keep(cfg, l)) is not None else ones for l in range(cfg.num_layers)])
+
+
+def _scan_step(layer, x, keep, mask, deterministic):
+  return layer(x, mask, deterministic, keep), None
+
+
 class BertEncoder(nn.Module):
   """Returns the final hidden states [B, L, H] (and the pooled [CLS] if `use_pooler`)."""
 
   cfg: BertConfig
 
   def setup(self):
-    self.embeddings = Embeddings(self.cfg)
+    cfg = self.cfg
+    self.embeddings = Embeddings(cfg)
     layer = EncoderLayer
-    if self.cfg.remat != "none":  # `deterministic` (argument 3, counting self) is a Python bool: static
-      layer = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
-    share = self.cfg.share_layers
-    if share == "all":  # ALBERT: one set of layer parameters, applied num_layers times
-      self.layers = [layer(self.cfg, name="layer_shared")] * self.cfg.num_layers
+    if cfg.remat != "none":  # `deterministic` (argument 3, counting self) is a Python bool: static
+      layer = nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,),
+                       prevent_cse=not cfg.scanned)  # scan already keeps XLA from CSE-ing it away
+    share = cfg.share_layers
+    shared = {}
+    if share == "attention":
+      shared["shared_attention"] = SelfAttention(cfg, name="shared_attention")
+    if share == "ffn":
+      shared["shared_ffn"] = FeedForward(cfg, name="shared_ffn")
+    if cfg.scanned:
+      # 'all': one parameter set broadcast to every step (same layout as unrolled: layer_shared);
+      # else parameters (and sown collections) stacked along a leading `layers` axis.
+      stacked = share == "none"
+      self.scanned_layer = layer(cfg, name="layers" if stacked else "layer_shared")
+    elif share == "all":  # ALBERT: one set of layer parameters, applied num_layers times
+      self.layers = [layer(cfg, name="layer_shared")] * cfg.num_layers
     else:
-      shared = {}
-      if share == "attention":
-        shared["shared_attention"] = SelfAttention(self.cfg, name="shared_attention")
-      if share == "ffn":
-        shared["shared_ffn"] = FeedForward(self.cfg, name="shared_ffn")
-      self.layers = [layer(self.cfg, name=f"layer_{i}", layer=i, **shared) for i in range(self.cfg.num_layers)]
-    if self.cfg.use_pooler:
-      self.pooler = dense(self.cfg, self.cfg.hidden_size, ("embed", "embed_out"), "pooler")
+      self.layers = [layer(cfg, name=f"layer_{i}", layer=i, **shared) for i in range(cfg.num_layers)]
+    if cfg.use_pooler:
+      self.pooler = dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")
+
+  def _run_scanned(self, x, mask, deterministic):
+    cfg = self.cfg
+    stacked = cfg.share_layers == "none"
+    axes = {"attentions": 0, "intermediates": 0}
+    if stacked:
+      axes["params"] = 0
+    scan = nn.scan(_scan_step, variable_axes=axes,
+                   variable_broadcast=False if stacked else "params",
+                   split_rngs={"params": stacked, "dropout": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+    keeps = head_keeps(cfg)
+    x, _ = scan(self.scanned_layer, x, None if keeps is None else jnp.asarray(keeps), mask, deterministic)
+    return x
 
   def __call__(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None,
                deterministic: bool = True, packing_ids=None):
@@ -286,14 +359,87 @@ class BertEncoder(nn.Module):
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids, dtype=bool)
-    # [B, 1, 1, S]: every query attends to the real (non-padding) keys of its row.
-    mask = attention_mask.astype(bool)[:, None, None, :]
-    if packing_ids is not None:  # block-diagonal [B, 1, T, S]: no attention across documents
-      mask = mask & (packing_ids[:, None, :, None] == packing_ids[:, None, None, :])
+    # Every query attends to the real (non-padding) keys of its row and, when packed, of its own
+    # document: each attention backend builds that mask its own way (models/attention.py).
+    mask = (attention_mask.astype(bool), packing_ids)
     x = self.embeddings(input_ids, segment_ids, position_ids, deterministic)
     x = constrain(x, ACTIVATION_AXES)
-    for layer in self.layers:
-      x = constrain(layer(x, mask, deterministic), ACTIVATION_AXES)
+    if self.cfg.scanned:
+      x = constrain(self._run_scanned(x, mask, deterministic), ACTIVATION_AXES)
+    else:
+      for layer in self.layers:
+        x = constrain(layer(x, mask, deterministic), ACTIVATION_AXES)
     if self.cfg.use_pooler:
       return x, jnp.tanh(self.pooler(x[:, 0]))
     return x
+
+
+# --- the two parameter layouts -------------------------------------------------------------------
+def _layer_keys(tree: dict) -> list[str]:
+  n = 0
+  while f"layer_{n}" in tree:
+    n += 1
+  return [f"layer_{i}" for i in range(n)]
+
+
+def _stack(*xs):
+  x = xs[0]
+  if isinstance(x, jax.ShapeDtypeStruct):  # an abstract restore target: the stacked axis is replicated
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(xs),) + tuple(x.shape), x.dtype, sharding=sharding)
+  return np.stack([np.asarray(v) for v in xs]) if isinstance(x, np.ndarray) else jnp.stack(xs)
+
+
+def _index(x, i):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype, sharding=sharding)
+  return x[i]
+
+
+def stack_layers(tree):
+  """Unrolled -> scanned: `layer_0 ... layer_{n-1}` become `layers` with each leaf stacked on a
+  new leading axis. Works on params, optimizer moments, sown collections or abstract
+  (ShapeDtypeStruct) trees alike; a tree without `layer_0` is returned as is."""
+  if not isinstance(tree, dict) or "layer_0" not in tree:
+    return tree
+  keys = _layer_keys(tree)
+  out = {k: v for k, v in tree.items() if k not in keys}
+  out["layers"] = jax.tree.map(_stack, *[tree[k] for k in keys])
+  return out
+
+
+def unstack_layers(tree):
+  """Scanned -> unrolled: `layers` (leaves [n, ...]) becomes `layer_0 ... layer_{n-1}`."""
+  if not isinstance(tree, dict) or "layers" not in tree:
+    return tree
+  n = jax.tree.leaves(tree["layers"])[0].shape[0]
+  out = {k: v for k, v in tree.items() if k != "layers"}
+  for i in range(n):
+    out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: _index(x, i), tree["layers"])
+  return out
+
+
+def to_layout(encoder_tree, scanned: bool):
+  """Encoder params (or a sown collection) in the scanned (True) or unrolled (False) layout."""
+  return stack_layers(encoder_tree) if scanned else unstack_layers(encoder_tree)
+
+
+def convert_encoders(tree, scanned: bool):
+  """Every `encoder` subtree anywhere in `tree` (a TrainState: params and each optimizer moment)
+  in the scanned or unrolled layout: how a checkpoint written in the other layout is restored."""
+  if isinstance(tree, dict):
+    return {k: to_layout(v, scanned) if k == "encoder" and isinstance(v, dict) else convert_encoders(v, scanned)
+            for k, v in tree.items()}
+  if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+    return dataclasses.replace(tree, **{f.name: convert_encoders(getattr(tree, f.name), scanned)
+                                        for f in dataclasses.fields(tree) if f.init})
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple optimizer states
+    return type(tree)(*(convert_encoders(v, scanned) for v in tree))
+  if isinstance(tree, (tuple, list)):
+    return type(tree)(convert_encoders(v, scanned) for v in tree)
+  return tree

@@ -81,7 +81,7 @@ def encoder_config(config: ml_collections.ConfigDict, vocab_size: int, **extra):
                if m[k] is not None}
   # Optional model keys, passed only when the config has them (None = the BertConfig default):
   # ALBERT's embedding_size / share_layers, activation rematerialisation.
-  for key in ("embedding_size", "share_layers", "remat", "head_mask"):
+  for key in ("embedding_size", "share_layers", "remat", "head_mask", "scan_layers"):
     if key in m and m[key] is not None:
       overrides[key] = m[key]
   overrides.update(extra)

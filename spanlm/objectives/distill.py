@@ -50,7 +50,7 @@ import numpy as np
 from spanlm import parallel
 from spanlm.objectives import base as pretraining
 from spanlm.objectives.mlm import MaskedLM
-from spanlm.models.bert import BertConfig, Embeddings, EncoderLayer
+from spanlm.models.bert import BertConfig, Embeddings, EncoderLayer, to_layout, unstack_layers
 from spanlm.models.distill import DistilStudent
 from spanlm.models.heads import BertForPretraining
 
@@ -131,8 +131,10 @@ def internals(variables, cfg: BertConfig, attention_mask):
   """(hidden states [emb, layer_1..layer_n] each [B, L, H], pre-softmax attention scores each
   [B, h, L, L] with masked keys set to 0), from `capture_intermediates` and the scores
   SelfAttention sows into 'attentions'."""
-  enc = variables["intermediates"]["encoder"]
-  scores = flax.traverse_util.flatten_dict(variables["attentions"])
+  # Scanned layers sow stacked [layers, ...] values under `layers`: unroll them to layer_i first.
+  enc = unstack_layers(variables["intermediates"]["encoder"])
+  scores = flax.traverse_util.flatten_dict(
+      {k: unstack_layers(v) if k == "encoder" else v for k, v in variables["attentions"].items()})
   scores = {path: v[0] for path, v in scores.items() if path[-1] == "scores"}
   layer_of = lambda path: next(int(p[len("layer_"):]) for p in path if p.startswith("layer_"))
   ordered = [v for _, v in sorted(scores.items(), key=lambda kv: layer_of(kv[0]))]
@@ -204,6 +206,7 @@ class Distill(MaskedLM):
                        f"vocabulary give {self.teacher_cfg.vocab_size}: not the same vocabulary")
     self.teacher = BertForPretraining(self.teacher_cfg)
     self._teacher_raw = {k: raw[k] for k in self.TEACHER_KEYS}  # SBO/pair heads are not needed
+    self._teacher_raw["encoder"] = to_layout(raw["encoder"], self.teacher_cfg.scanned)
     super().__init__(config, vocab_size, word_start_table)
     if self.model.cfg.vocab_size != self.teacher_cfg.vocab_size:
       raise ValueError(f"student embedding rows {self.model.cfg.vocab_size} != teacher's "
@@ -245,11 +248,12 @@ class Distill(MaskedLM):
     if not self.config.distill.init_from_teacher:
       return params
     params = dict(params)
-    enc = dict(params["encoder"])
-    enc["embeddings"] = frozen["encoder"]["embeddings"]
+    enc = dict(unstack_layers(params["encoder"]))  # either side may be scanned: copy layer by layer
+    teacher = unstack_layers(frozen["encoder"])
+    enc["embeddings"] = teacher["embeddings"]
     for m, n in enumerate(self.copied_layers):
-      enc[f"layer_{m}"] = frozen["encoder"][f"layer_{n}"]
-    params["encoder"] = enc
+      enc[f"layer_{m}"] = teacher[f"layer_{n}"]
+    params["encoder"] = to_layout(enc, self.model.cfg.scanned)
     params["mlm_transform"], params["mlm_bias"] = frozen["mlm_transform"], frozen["mlm_bias"]
     return params
 

@@ -17,6 +17,10 @@ The difference from `optax.lamb`: masked leaves (LayerNorm, biases by default in
 `make_optimizer`) get neither weight decay nor the trust ratio, as in ALBERT's LAMB
 (`exclude_from_layer_adaptation` defaults to `exclude_from_weight_decay`), while
 `optax.lamb(mask=...)` masks only the decay and applies the ratio to every leaf.
+
+A leaf under a `layers` key holds one tensor per layer stacked on its first axis (scanned
+layers, spanlm.models.bert): its trust ratios are taken per slice, one per layer, as for the
+unrolled `layer_i` tensors.
 """
 
 from __future__ import annotations
@@ -32,13 +36,31 @@ from spanlm.optim.common import (check_hyperparams, scale_by_adam_uncorrected, s
 
 
 class TrustRatioState(NamedTuple):
-  trust_ratio: jax.Array  # (leaves,) float32: ratio applied to each (unmasked) leaf in the last update
+  trust_ratio: jax.Array  # (layers,) float32: ratio applied to each (unmasked) layer in the last update
 
 
-def layer_norms(update, param, min_norm=0.0, max_norm=None):
-  """(||u||, phi(||w||), raw ||w||) in float32."""
-  w = jnp.linalg.norm(param.astype(jnp.float32).ravel())
-  u = jnp.linalg.norm(update.astype(jnp.float32).ravel())
+STACKED_KEY = "layers"  # parameters under this key are stacked per layer on their first axis
+
+
+def stacked_leaves(tree) -> list[bool]:
+  """Per leaf of `tree`: does it lie under a `layers` key (one tensor per layer on axis 0)?"""
+  return [any(isinstance(k, jax.tree_util.DictKey) and k.key == STACKED_KEY for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def num_ratios(params, flags=None) -> int:
+  """How many trust ratios `params` get: one per leaf, one per layer for stacked leaves."""
+  leaves = jax.tree.leaves(params)
+  stacked = stacked_leaves(params)
+  flags = [True] * len(leaves) if flags is None else flags
+  return sum((x.shape[0] if s else 1) for x, s, f in zip(leaves, stacked, flags) if f)
+
+
+def layer_norms(update, param, min_norm=0.0, max_norm=None, stacked: bool = False):
+  """(||u||, phi(||w||), raw ||w||) in float32; per slice of axis 0 (shape [n, 1, ...]) if stacked."""
+  axes = tuple(range(1, param.ndim)) if stacked else None
+  w = jnp.sqrt(jnp.sum(jnp.square(param.astype(jnp.float32)), axis=axes, keepdims=stacked))
+  u = jnp.sqrt(jnp.sum(jnp.square(update.astype(jnp.float32)), axis=axes, keepdims=stacked))
   phi = jnp.clip(w, min_norm, max_norm)
   return u, phi, w
 
@@ -53,20 +75,20 @@ def scale_by_trust_ratio(min_norm: float = 0.0, max_norm: float | None = None,
   Wrap in `optax.masked` to apply it to some leaves only.
   """
   def init_fn(params):
-    return TrustRatioState(jnp.ones([len(jax.tree.leaves(params))], jnp.float32))
+    return TrustRatioState(jnp.ones([num_ratios(params)], jnp.float32))
 
   def update_fn(updates, state, params):
     if params is None:
       raise ValueError(optax.NO_PARAMS_MSG)
     leaves, treedef = jax.tree.flatten(updates)
     ratios, scaled = [], []
-    for u, w in zip(leaves, treedef.flatten_up_to(params)):
-      u_norm, phi, w_norm = layer_norms(u, w, min_norm, max_norm)
+    for u, w, stacked in zip(leaves, treedef.flatten_up_to(params), stacked_leaves(updates)):
+      u_norm, phi, w_norm = layer_norms(u, w, min_norm, max_norm, stacked)
       ratio = trust_coefficient * phi / (u_norm + eps)
       ratio = jnp.where((w_norm == 0) | (u_norm == 0), 1.0, ratio)
-      ratios.append(ratio)
+      ratios.append(ratio.ravel())
       scaled.append(u * ratio.astype(u.dtype))
-    ratios = jnp.stack(ratios) if ratios else state.trust_ratio
+    ratios = jnp.concatenate(ratios) if ratios else state.trust_ratio
     return treedef.unflatten(scaled), TrustRatioState(ratios)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -26,7 +26,7 @@ import optax
 
 from spanlm.optim.common import (check_hyperparams, mask_leaves, scale_by_learning_rate,
                                  with_mask_checks)
-from spanlm.optim.lamb import TrustRatioState, layer_norms
+from spanlm.optim.lamb import TrustRatioState, layer_norms, num_ratios, stacked_leaves
 
 
 def scale_by_lars(trust_coefficient: float = 0.001, weight_decay: float = 0.0, eps: float = 0.0,
@@ -36,7 +36,7 @@ def scale_by_lars(trust_coefficient: float = 0.001, weight_decay: float = 0.0, e
   The ratios of the last update (leaves in `trust_ratio_mask` only) are kept in the state.
   """
   def init_fn(params):
-    n = sum(mask_leaves(trust_ratio_mask, params)) if jax.tree.leaves(params) else 0
+    n = num_ratios(params, mask_leaves(trust_ratio_mask, params)) if jax.tree.leaves(params) else 0
     return TrustRatioState(jnp.ones([n], jnp.float32))
 
   def update_fn(updates, state, params):
@@ -46,17 +46,17 @@ def scale_by_lars(trust_coefficient: float = 0.001, weight_decay: float = 0.0, e
     ws = treedef.flatten_up_to(params)
     decays, trusts = mask_leaves(weight_decay_mask, params), mask_leaves(trust_ratio_mask, params)
     ratios, out = [], []
-    for g, w, decay, trust in zip(leaves, ws, decays, trusts):
+    for g, w, decay, trust, stacked in zip(leaves, ws, decays, trusts, stacked_leaves(updates)):
       beta = weight_decay if decay else 0.0
       u = g + beta * w
-      if trust:
-        g_norm, w_norm, _ = layer_norms(g, w)
+      if trust:  # per layer, also for stacked (scanned) layers
+        g_norm, w_norm, _ = layer_norms(g, w, stacked=stacked)
         ratio = trust_coefficient * w_norm / (g_norm + beta * w_norm + eps)
         ratio = jnp.where((w_norm == 0) | (g_norm == 0), 1.0, ratio)
-        ratios.append(ratio)
+        ratios.append(ratio.ravel())
         u = u * ratio.astype(u.dtype)
       out.append(u)
-    ratios = jnp.stack(ratios) if ratios else state.trust_ratio
+    ratios = jnp.concatenate(ratios) if ratios else state.trust_ratio
     return treedef.unflatten(out), TrustRatioState(ratios)
 
   return optax.GradientTransformation(init_fn, update_fn)
