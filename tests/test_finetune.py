@@ -216,6 +216,20 @@ def test_layer_decay_rates_by_hand():
     make_optimizer(_opt_config(layer_decay=0.5), 10)  # needs the number of layers
 
 
+def test_layer_decay_on_scanned_layers_matches_unrolled():
+  # scan_layers stacks layer_0..layer_{L-1} into encoder/layers [L, ...]: each slice keeps its layer's rate.
+  scanned = {"encoder": {"embeddings": PARAMS["encoder"]["embeddings"],
+                         "layers": {"output": {"bias": jnp.ones((2, 3))}},
+                         "pooler": PARAMS["encoder"]["pooler"]},
+             "classifier": PARAMS["classifier"]}
+  tx, _ = make_optimizer(_opt_config(name="sgd", momentum=0.0, learning_rate=0.1, layer_decay=0.5), 10,
+                         num_layers=2)
+  updates, _ = tx.update(jax.tree.map(lambda p: 2.0 * p, scanned), tx.init(scanned), scanned)
+  want = np.array([0.5 ** 3, 0.5 ** 2])[:, None] * -0.1 * 2.0 * np.ones((2, 3))
+  np.testing.assert_allclose(updates["encoder"]["layers"]["output"]["bias"], want, rtol=1e-6)
+  np.testing.assert_allclose(updates["encoder"]["embeddings"]["word_embeddings"], -0.1 * 2.0 * 0.5 ** 4, rtol=1e-6)
+
+
 def test_adam_without_bias_correction_is_berts():
   b1, b2, eps, lr = 0.9, 0.999, 1e-6, 0.01
   tx, _ = make_optimizer(_opt_config(name="adam", learning_rate=lr, bias_correction=False, eps=eps), 10)

@@ -23,9 +23,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 _LAYER = re.compile(r"(?:^|/)layer_(\d+)(?:/|$)")
+_SCANNED = re.compile(r"^encoder/(?:.*/)?layers(?:/|$)")  # scan_layers: leaves stacked [num_layers, ...]
 
 
 def layer_depth(path: str, num_layers: int) -> int:
@@ -42,11 +44,16 @@ def layer_depth(path: str, num_layers: int) -> int:
 
 
 def layer_decay_factors(params, num_layers: int, decay: float):
-  """A tree like `params` of float factors d ** (L + 2 - k(p))."""
+  """A tree like `params` of factors d ** (L + 2 - k(p)): floats, or for the stacked parameters of
+  scanned layers an array [num_layers, 1, ...] with layer i's factor d ** (L + 1 - i)."""
   from spanlm.optim import param_path
 
-  def factor(path, _):
-    return float(decay) ** (num_layers + 2 - layer_depth(param_path(path), num_layers))
+  def factor(path, leaf):
+    path = param_path(path)
+    if _SCANNED.search(path):
+      per_layer = float(decay) ** (num_layers + 1 - np.arange(num_layers, dtype=np.float64))
+      return per_layer.reshape((num_layers,) + (1,) * (np.ndim(leaf) - 1))
+    return float(decay) ** (num_layers + 2 - layer_depth(path, num_layers))
 
   return jax.tree_util.tree_map_with_path(factor, params)
 
@@ -73,6 +80,10 @@ def describe(params, num_layers: int, decay: float) -> str:
   from spanlm.optim import param_path
   seen = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if _SCANNED.search(param_path(path)):
+      for k in range(1, num_layers + 1):
+        seen.setdefault(k, float(decay) ** (num_layers + 2 - k))
+      continue
     k = layer_depth(param_path(path), num_layers)
     seen.setdefault(k, float(decay) ** (num_layers + 2 - k))
   names = {0: "embeddings", num_layers + 1: "pooler", num_layers + 2: "head"}
