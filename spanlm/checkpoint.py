@@ -105,11 +105,8 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict | None = None) -> bool:
     data = dict(data_state or {})
-    if self.verify_digest:  # on device, every process (multi-host included)
-      data[DIGEST_KEY] = resilience.state_checksum(state)
-      if hasattr(state, "params") or (isinstance(state, dict) and "params" in state):
-        data[PARAMS_DIGEST_KEY] = resilience.state_checksum(
-            state.params if hasattr(state, "params") else state["params"])
+    if self.verify_digest:  # on device, every process (multi-host included), one pass
+      data[DIGEST_KEY], data[PARAMS_DIGEST_KEY] = resilience.state_checksums(state, ("", "params/"))
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))
     try:
       return self._manager.save(step, args=args, force=True)

@@ -96,28 +96,36 @@ def _leaf_checksums(leaves):
   for x in leaves:
     u = _as_uint32(x)
     w = _position_weights(u.shape)
-    # Odd weights: flipping any one bit of any element changes the first sum (mod 2^32).
-    out.append(jnp.stack([jnp.sum(u * w, dtype=jnp.uint32),
-                          jnp.sum((u ^ (u >> 13)) * (w * jnp.uint32(0x9E3779B1)), dtype=jnp.uint32)]))
-  return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+    # Odd weights: flipping any one bit of any element changes the sum (mod 2^32).
+    out.append(jnp.sum(u * w, dtype=jnp.uint32))
+  return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+
+
+def state_checksums(tree, prefixes: tuple[str, ...] = ("",)) -> tuple[str, ...]:
+  """`state_checksum` of the subtrees whose paths start with each prefix, in one device pass."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  named = sorted(("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves)
+  sums = np.asarray(jax.device_get(_leaf_checksums([leaf for _, leaf in named])))
+  out = []
+  for prefix in prefixes:
+    h = hashlib.sha256()
+    for (name, _), value in zip(named, sums):
+      if name.startswith(prefix):
+        h.update(name[len(prefix):].encode() + np.asarray(value, "<u4").tobytes())
+    out.append(h.hexdigest())
+  return tuple(out)
 
 
 def state_checksum(tree) -> str:
   """Checksum of a tree's leaves computed on device, where the arrays live (sharded, any host).
 
-  Per leaf (sorted path order, as `tree_digest`) two position-weighted sums of the
-  leaf's 32-bit words mod 2^32; every single-bit flip changes the first one. This
+  Per leaf (sorted path order, as `tree_digest`) a position-weighted sum of the
+  leaf's 32-bit words mod 2^32 with odd weights: every single-bit flip changes it. This
   replaces a host-side SHA-256 at save time: no array is copied to the host, every
   process computes the same value (the sums are global reductions), and a dict
   restored without an abstract tree gives the same checksum as the saved one.
   """
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  named = sorted(("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves)
-  sums = np.asarray(jax.device_get(_leaf_checksums([leaf for _, leaf in named])))
-  h = hashlib.sha256()
-  for (name, _), pair in zip(named, sums):
-    h.update(name.encode() + pair.astype("<u4").tobytes())
-  return h.hexdigest()
+  return state_checksums(tree)[0]
 
 
 # --- hosts that agree ----------------------------------------------------------------------
