@@ -62,7 +62,7 @@ class Checkpointer:
 
   def __init__(self, workdir, max_to_keep: int = 3, async_save: bool = True,
                verify_digest: bool = True):
-    from spanlm.workdir import path
+    from spanlm.paths import path
     self.workdir = path(workdir)
     self.directory = self.workdir / "checkpoints"
     self.verify_digest = verify_digest
@@ -75,7 +75,7 @@ class Checkpointer:
     """On object storage a step is written in place and committed by a marker file, so a killed
     writer leaves an uncommitted step folder that the next save of that step would trip over
     (locally Orbax writes to a tmp folder and renames). Process 0 removes such folders."""
-    from spanlm.workdir import is_remote
+    from spanlm.paths import is_remote
     if not is_remote(self.directory):
       return
     if jax.process_index() == 0 and self.directory.exists():
@@ -228,12 +228,12 @@ def abstract_like(tree, shardings):
 
 def _move_tree(src, dst) -> None:
   """Move a directory (local: a rename; gs://: copy, then delete)."""
-  from spanlm.workdir import is_remote
+  from spanlm.paths import is_remote
   if not is_remote(src):
     os.rename(src, dst)
     return
-  from spanlm.data.prepare import _copy_tree
-  _copy_tree(src, dst)
+  from spanlm.paths import copy_tree
+  copy_tree(src, dst)
   src.rmtree()
 
 
@@ -248,7 +248,7 @@ def read_raw(step_dir):
 
   import numpy as np
 
-  from spanlm.workdir import path
+  from spanlm.paths import path
   step_dir = path(step_dir)
   item = step_dir / "state"
   metadata = ocp.PyTreeCheckpointHandler().metadata(item)

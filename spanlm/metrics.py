@@ -46,7 +46,7 @@ class _EpathWriterFactory:
   google-cloud-storage, which tensorboardX's own gs:// writer needs and spanlm does not install."""
 
   def open(self, p):
-    from spanlm.workdir import open_append
+    from spanlm.paths import open_append
     return open_append(p, binary=True)
 
   def directory_check(self, p):
@@ -85,7 +85,7 @@ class MetricsWriter:
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      from spanlm.workdir import open_append, path
+      from spanlm.paths import open_append, path
       self._jsonl = open_append(path(workdir) / "metrics.jsonl")
       self._tb = TensorBoardWriter(path(workdir) / "tensorboard")
 
@@ -135,13 +135,13 @@ def unigram_neg_log_probs(rows, vocab_size: int, chunk: int = 4096, max_rows: in
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  from spanlm.workdir import path
+  from spanlm.paths import path
   text = (path(workdir) / "metrics.jsonl").read_text()
   return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _tokens_per_step(workdir: str) -> int | None:
-  from spanlm.workdir import path
+  from spanlm.paths import path
   try:
     train = json.loads((path(workdir) / "config.json").read_text())["train"]
     return int(train["batch_size"]) * int(train["seq_len"])
@@ -197,7 +197,7 @@ def plot_curves(workdirs: list[str], out: str, labels: list[str] | None = None) 
       ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
-  from spanlm.workdir import path
+  from spanlm.paths import path
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=110)
   plt.close(fig)

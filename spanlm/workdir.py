@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 import ml_collections
 from etils import epath
 
-SCHEMES = ("gs",)
-# gcsfs warns on every bucket it opens without credentials (an emulator, a public bucket).
-logging_std = __import__("logging")
-logging_std.getLogger("gcsfs").setLevel(logging_std.ERROR)
+from spanlm.paths import access_error, is_remote, open_append, path  # noqa: F401  (the workdir API)
+
 # Fields that may change between invocations of one run: the loop's knobs, the mesh (resume on
 # another topology), where the corpus is spelled. Everything else shapes the checkpoint or the data.
 MAY_CHANGE = ("train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every",
@@ -44,32 +41,6 @@ MAY_CHANGE = ("train.num_steps", "train.stop_at_step", "train.log_every", "train
               "train.max_nonfinite_steps", "train.spike_window", "train.spike_k",
               "train.inject_nonfinite_steps", "mesh.", "data.corpus", "data.tokenizer",
               "distill.teacher_workdir")
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def path(p) -> epath.Path:
-  """A local path (made absolute) or a gs:// URL as an epath.Path; other schemes are an error."""
-  s = os.fspath(p) if not isinstance(p, epath.Path) else str(p)
-  if m := _URL.match(s):
-    if m.group(1) not in SCHEMES:
-      raise ValueError(f"{s}: the URL scheme {m.group(1)}:// is not supported; use a local path or "
-                       f"gs://bucket/path")
-    return epath.Path(s)
-  return epath.Path(os.path.abspath(os.path.expanduser(s)))
-
-
-def is_remote(p) -> bool:
-  return bool(_URL.match(os.fspath(p) if not isinstance(p, epath.Path) else str(p)))
-
-
-def access_error(url, e: BaseException) -> ValueError:
-  """One line for a gs:// location that cannot be reached or has no credentials."""
-  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-  return ValueError(
-      f"cannot access {url} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-      f"check the bucket name and set credentials: GOOGLE_APPLICATION_CREDENTIALS=key.json or "
-      f"`gcloud auth application-default login` (on a Cloud TPU VM the VM's service account needs "
-      f"storage access)" + (f"; STORAGE_EMULATOR_HOST={emulator} is set" if emulator else ""))
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -248,38 +219,3 @@ def load_pretrained(workdir) -> tuple[ml_collections.ConfigDict, str, int, Any]:
                             f"of a spanlm pretraining run")
   step, state, _ = wd.latest()
   return config, wd.tokenizer_path(config), step, state["params"]
-
-
-class _RewriteOnFlush:
-  """Append-mode file on object storage (GCS objects cannot be appended to): keeps the content
-  and rewrites the object on each flush. For small logs (metrics.jsonl, event files)."""
-
-  def __init__(self, p: epath.Path, binary: bool):
-    self._path, self._binary = p, binary
-    self._chunks = [p.read_bytes() if binary else p.read_text()] if p.exists() else []
-    self._dirty = False
-
-  def write(self, data):
-    self._chunks.append(data)
-    self._dirty = True
-    return len(data)
-
-  def flush(self):
-    if self._dirty:
-      empty = b"" if self._binary else ""
-      content = empty.join(self._chunks)
-      self._chunks = [content]
-      (self._path.write_bytes if self._binary else self._path.write_text)(content)
-      self._dirty = False
-
-  def close(self):
-    self.flush()
-
-
-def open_append(p, binary: bool = False):
-  """A file opened for appending, local or gs:// (parent folders created)."""
-  p = path(p)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  if is_remote(p):
-    return _RewriteOnFlush(p, binary)
-  return open(p, "ab" if binary else "a")

@@ -57,6 +57,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from spanlm import paths
 from spanlm.data import corpus as corpus_lib
 from spanlm.data import sample
 from spanlm.data.tokenizer import (CLS_ID, PAD_ID, SEP_ID, UNK_ID, Tokenizer, check_unknown_share,
@@ -238,44 +239,26 @@ def _file_sha256(path: str) -> str:
 
 
 def _read_meta(path) -> dict[str, Any] | None:
-  from spanlm import workdir as workdir_lib
   try:
-    return json.loads((workdir_lib.path(path) / META_FILE).read_text())
+    return json.loads((paths.path(path) / META_FILE).read_text())
   except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # a text file is not a dataset
     return None
 
 
 def is_prepared(path) -> bool:
   """Whether `path` (local or gs://) holds a complete prepared dataset (the meta file is written last)."""
-  from spanlm import workdir as workdir_lib
   meta = _read_meta(path)
-  return bool(meta) and (workdir_lib.path(path) / meta.get("tfds_dir", "") / "dataset_info.json").exists()
+  return bool(meta) and (paths.path(path) / meta.get("tfds_dir", "") / "dataset_info.json").exists()
 
 
 def _cache_root():
   return os.environ.get("SPANLM_DATA_CACHE", os.path.join(tempfile.gettempdir(), "spanlm_data_cache"))
 
 
-def _copy_tree(src, dst, last: str | None = None) -> None:
-  """Copy a directory tree between any two epath locations; the file named `last` goes last."""
-  dst.mkdir(parents=True, exist_ok=True)
-  deferred = None
-  for child in src.iterdir():
-    if child.is_dir():
-      _copy_tree(child, dst / child.name)
-    elif child.name == last:
-      deferred = child
-    else:
-      child.copy(dst / child.name, overwrite=True)
-  if deferred is not None:
-    deferred.copy(dst / deferred.name, overwrite=True)
-
-
 def local_copy(data_dir) -> str:
   """A local directory holding the prepared dataset `data_dir`: itself if local, else a per-host
   cache copy (array_record reads local files only), fetched once and reused."""
-  from spanlm import workdir as workdir_lib
-  if not workdir_lib.is_remote(data_dir):
+  if not paths.is_remote(data_dir):
     return str(data_dir)
   name = os.path.basename(str(data_dir).rstrip("/")) + "-" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
   local = os.path.join(_cache_root(), name)
@@ -285,26 +268,25 @@ def local_copy(data_dir) -> str:
     tmp = local + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-      _copy_tree(workdir_lib.path(data_dir), workdir_lib.path(tmp), last=META_FILE)
+      paths.copy_tree(paths.path(data_dir), paths.path(tmp), last=META_FILE)
     except Exception as e:  # noqa: BLE001
-      raise workdir_lib.access_error(data_dir, e) from e
+      raise paths.access_error(data_dir, e) from e
     os.replace(tmp, local) if not os.path.exists(local) else shutil.rmtree(tmp)
   return local
 
 
 def local_file(p) -> str:
   """A local path for the file `p` (a gs:// file is fetched into the cache once)."""
-  from spanlm import workdir as workdir_lib
-  if not workdir_lib.is_remote(p):
+  if not paths.is_remote(p):
     return str(p)
   local = os.path.join(_cache_root(), "files", hashlib.sha256(str(p).encode()).hexdigest()[:12],
                        os.path.basename(str(p)))
   if not os.path.exists(local):
     os.makedirs(os.path.dirname(local), exist_ok=True)
     try:
-      workdir_lib.path(p).copy(workdir_lib.path(local + ".tmp"), overwrite=True)
+      paths.path(p).copy(paths.path(local + ".tmp"), overwrite=True)
     except Exception as e:  # noqa: BLE001
-      raise workdir_lib.access_error(p, e) from e
+      raise paths.access_error(p, e) from e
     os.replace(local + ".tmp", local)
   return local
 
@@ -461,7 +443,6 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
   (then process 0 prepares locally and uploads; `local_copy` fetches it per host).
   """
   from spanlm import resilience
-  from spanlm import workdir as workdir_lib
   if corpus and is_prepared(corpus):
     meta = _read_meta(corpus)
     if meta.get("packing", "document") != packing:
@@ -479,7 +460,7 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
           f"Tokenizer {tokenizer!r} differs from the one {corpus!r} was prepared with "
           f"({meta['tokenizer']}); leave the tokenizer unset to use the dataset's own.")
     return corpus
-  if corpus and workdir_lib.is_remote(corpus):
+  if corpus and paths.is_remote(corpus):
     raise FileNotFoundError(f"{corpus!r} is not a prepared spanlm dataset ({META_FILE} missing); raw text "
                             f"must be local (or a gcsfuse mount): prepare it with tools/prepare_corpus.py "
                             f"and give the prepared folder, which may be on gs://")
@@ -492,12 +473,12 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
   tokenizer_key = _file_key(tokenizer) if tokenizer else ["train", vocab_size]
   key = _fingerprint([_file_key(f) for f in files], tokenizer_key, seq_len, validation_fraction,
                      *([packing] if packing != "document" else []))
-  out = workdir_lib.path(workdir) / "data" / key
+  out = paths.path(workdir) / "data" / key
   if is_prepared(out):
     logging.info("Reusing prepared dataset %s", out)
     return str(out)
   if jax.process_index() == 0:
-    remote = workdir_lib.is_remote(out)
+    remote = paths.is_remote(out)
     local_out = os.path.join(_cache_root(), f"{key}-prepare") if remote else str(out)
     shutil.rmtree(local_out, ignore_errors=True)  # Ours by construction: a partial earlier attempt.
     os.makedirs(os.path.dirname(local_out), exist_ok=True)
@@ -508,7 +489,7 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
     if remote:
       if out.exists():
         out.rmtree()
-      _copy_tree(workdir_lib.path(local_out), out, last=META_FILE)
+      paths.copy_tree(paths.path(local_out), out, last=META_FILE)
       shutil.rmtree(local_out, ignore_errors=True)
   # Preparing a large corpus takes long: the others wait up to a day, then name who is missing.
   resilience.barrier(f"prepare_{key}", timeout_s=24 * 3600)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from spanlm.optim.common import (LearningRateState, decay_mask, scale_by_adam_uncorrected,
+from spanlm.optim.common import (LearningRateState, decay_mask, param_path, scale_by_adam_uncorrected,
                                  scale_by_learning_rate)
 from spanlm.optim.hypergradient import (HypergradientState, HyperparamHypergradientState, adam_hd,
                                         hypergradient_descent, sgd_hd)
@@ -75,10 +75,6 @@ def _single(opt, schedule) -> optax.GradientTransformation:
   if name == "frozen":
     return optax.set_to_zero()
   raise ValueError(f"unknown config.optimizer.name={name!r}; choose one of {OPTIMIZERS}")
-
-
-def param_path(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def group_labels(groups, params) -> dict:

@@ -16,6 +16,11 @@ import jax.numpy as jnp
 import optax
 
 
+def param_path(path) -> str:
+  """'encoder/layer_0/attention/query/kernel' for a jax tree path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
 def scale_by_adam_uncorrected(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
   """Adam's moments WITHOUT bias correction, u = m_t / (sqrt(v_t) + eps): google-research/bert's
   `AdamWeightDecayOptimizer` (also ELECTRA's) and ALBERT's `lamb_optimizer.py`, which the papers

@@ -72,7 +72,7 @@ def save(path: str, fisher, theta_star) -> None:
   """Write the Fisher diagonal and theta*_A (nested param dicts) to one .npz."""
   import io
 
-  from spanlm.workdir import is_remote, path as as_path
+  from spanlm.paths import is_remote, path as as_path
   buffer = io.BytesIO()
   np.savez(buffer, **_flat(fisher, "fisher"), **_flat(theta_star, "theta"))
   target = as_path(path)
@@ -89,7 +89,7 @@ def load(path: str) -> tuple[dict, dict]:
   """(fisher, theta_star) as nested dicts, from a file written by `save`."""
   import io
 
-  from spanlm.workdir import path as as_path
+  from spanlm.paths import path as as_path
   if not as_path(path).is_file():
     raise FileNotFoundError(f"EWC Fisher file {path!r} not found; create it with "
                             "tools/compute_fisher.py --config=... --workdir=TASK_A_WORKDIR")

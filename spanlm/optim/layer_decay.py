@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spanlm.optim.common import param_path
+
 _LAYER = re.compile(r"(?:^|/)layer_(\d+)(?:/|$)")
 _SCANNED = re.compile(r"^encoder/(?:.*/)?layers(?:/|$)")  # scan_layers: leaves stacked [num_layers, ...]
 
@@ -46,7 +48,6 @@ def layer_depth(path: str, num_layers: int) -> int:
 def layer_decay_factors(params, num_layers: int, decay: float):
   """A tree like `params` of factors d ** (L + 2 - k(p)): floats, or for the stacked parameters of
   scanned layers an array [num_layers, 1, ...] with layer i's factor d ** (L + 1 - i)."""
-  from spanlm.optim import param_path
 
   def factor(path, leaf):
     path = param_path(path)
@@ -77,7 +78,6 @@ def scale_by_layer_decay(num_layers: int, decay: float) -> optax.GradientTransfo
 
 def describe(params, num_layers: int, decay: float) -> str:
   """'embeddings x0.41, layer_0 x0.51, ..., head x1' for the log."""
-  from spanlm.optim import param_path
   seen = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
     if _SCANNED.search(param_path(path)):

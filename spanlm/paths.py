@@ -1,0 +1,95 @@
+"""Paths for everything a run reads or writes: a local path or a `gs://` URL, one type.
+
+`path()` gives an `etils.epath.Path` (the type Orbax uses): local paths are made absolute,
+URLs never are (`os.path.abspath("gs://b/r")` would be `<cwd>/gs:/b/r`). The helpers here
+sit below every module that touches storage (checkpoint, data preparation, metrics, EWC
+files, `workdir`), so none of them imports another to reach a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from etils import epath
+
+SCHEMES = ("gs",)
+# gcsfs warns on every bucket it opens without credentials (an emulator, a public bucket).
+logging.getLogger("gcsfs").setLevel(logging.ERROR)
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def path(p) -> epath.Path:
+  """A local path (made absolute) or a gs:// URL as an epath.Path; other schemes are an error."""
+  s = os.fspath(p) if not isinstance(p, epath.Path) else str(p)
+  if m := _URL.match(s):
+    if m.group(1) not in SCHEMES:
+      raise ValueError(f"{s}: the URL scheme {m.group(1)}:// is not supported; use a local path or "
+                       f"gs://bucket/path")
+    return epath.Path(s)
+  return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def is_remote(p) -> bool:
+  return bool(_URL.match(os.fspath(p) if not isinstance(p, epath.Path) else str(p)))
+
+
+def access_error(url, e: BaseException) -> ValueError:
+  """One line for a gs:// location that cannot be reached or has no credentials."""
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  return ValueError(
+      f"cannot access {url} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+      f"check the bucket name and set credentials: GOOGLE_APPLICATION_CREDENTIALS=key.json or "
+      f"`gcloud auth application-default login` (on a Cloud TPU VM the VM's service account needs "
+      f"storage access)" + (f"; STORAGE_EMULATOR_HOST={emulator} is set" if emulator else ""))
+
+
+def copy_tree(src, dst, last: str | None = None) -> None:
+  """Copy a directory tree between any two epath locations; the file named `last` goes last."""
+  dst.mkdir(parents=True, exist_ok=True)
+  deferred = None
+  for child in src.iterdir():
+    if child.is_dir():
+      copy_tree(child, dst / child.name)
+    elif child.name == last:
+      deferred = child
+    else:
+      child.copy(dst / child.name, overwrite=True)
+  if deferred is not None:
+    deferred.copy(dst / deferred.name, overwrite=True)
+
+
+class _RewriteOnFlush:
+  """Append-mode file on object storage (GCS objects cannot be appended to): keeps the content
+  and rewrites the object on each flush. For small logs (metrics.jsonl, event files)."""
+
+  def __init__(self, p: epath.Path, binary: bool):
+    self._path, self._binary = p, binary
+    self._chunks = [p.read_bytes() if binary else p.read_text()] if p.exists() else []
+    self._dirty = False
+
+  def write(self, data):
+    self._chunks.append(data)
+    self._dirty = True
+    return len(data)
+
+  def flush(self):
+    if self._dirty:
+      empty = b"" if self._binary else ""
+      content = empty.join(self._chunks)
+      self._chunks = [content]
+      (self._path.write_bytes if self._binary else self._path.write_text)(content)
+      self._dirty = False
+
+  def close(self):
+    self.flush()
+
+
+def open_append(p, binary: bool = False):
+  """A file opened for appending, local or gs:// (parent folders created)."""
+  p = path(p)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(p):
+    return _RewriteOnFlush(p, binary)
+  return open(p, "ab" if binary else "a")
