@@ -108,7 +108,8 @@ def test_gs_workdir_survives_sigkill_and_matches_local(gcs, tmp_path):
   proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 900  # generous: a loaded CI machine starts JAX slowly
-    while not (epath.Path(run) / "checkpoints" / "2").exists():
+    # Killed once step 2 is committed (Orbax's marker on object storage), i.e. mid-run.
+    while not (epath.Path(run) / "checkpoints" / "2" / "commit_success.txt").exists():
       assert proc.poll() is None and time.time() < deadline, (log.seek(0), log.read()[-3000:])[1]
       time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
