@@ -48,7 +48,7 @@ from absl import logging
 
 from spanlm import checkpoint as ckpt_lib
 from spanlm import configs, parallel, resilience
-from spanlm.metrics import MetricsWriter
+from spanlm.metrics import MetricsWriter, trim_metrics
 from spanlm.models.bert import BertConfig, config_for
 from spanlm.optim import make_optimizer
 from spanlm.optim.layer_decay import describe as describe_layer_decay
@@ -418,28 +418,6 @@ def check_workdir(config, workdir: str) -> str:
   return workdir
 
 
-def _trim_metrics(workdir: str, step: int) -> None:
-  """Drop metrics.jsonl rows written after `step` (the checkpoint a run resumes from)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  keep = []
-  for line in lines:
-    try:
-      if json.loads(line).get("step", 0) <= step:
-        keep.append(line if line.endswith("\n") else line + "\n")
-    except json.JSONDecodeError:  # a line cut by a crash
-      continue
-  if len(keep) != len(lines):
-    logging.info("metrics.jsonl: dropped %d rows written after step %d", len(lines) - len(keep), step)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
-
-
 # --- the loop ------------------------------------------------------------------------------------
 def _order(seed: int, epoch: int, n: int, batch: int) -> np.ndarray:
   """The row order of `epoch`: a function of (seed, epoch) only, so a resumed run sees the same batches."""
@@ -504,7 +482,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                f", length buckets {tuner.buckets}" if len(tuner.buckets) > 1 else "", dict(tuner.mesh.shape))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  _trim_metrics(workdir, start)
+  trim_metrics(workdir, start)
 
   t = config.train
   last = min(t.stop_at_step, num_steps) if t.stop_at_step else num_steps

@@ -134,6 +134,33 @@ def unigram_neg_log_probs(rows, vocab_size: int, chunk: int = 4096, max_rows: in
     return (-np.log(probs)).astype(np.float32)  # inf at ids that are never targets
 
 
+def trim_metrics(workdir, step: int) -> None:
+  """Drop metrics.jsonl rows written after `step`, the checkpoint a run resumes from, so a resumed
+  run never logs a step twice (process 0 only; local or gs://)."""
+  from spanlm.paths import path
+  if jax.process_index() != 0:
+    return
+  file = path(workdir) / "metrics.jsonl"
+  if not file.exists():
+    return
+  lines = file.read_text().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        keep.append(line + "\n")
+    except json.JSONDecodeError:  # a line cut by a crash
+      continue
+  if len(keep) != len(lines):
+    logging.info("metrics.jsonl: dropped %d rows written after step %d", len(lines) - len(keep), step)
+    if path(workdir).as_posix().startswith("gs://"):
+      file.write_text("".join(keep))
+    else:
+      tmp = file.with_name("metrics.jsonl.tmp")
+      tmp.write_text("".join(keep))
+      tmp.replace(file)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   from spanlm.paths import path
   text = (path(workdir) / "metrics.jsonl").read_text()

@@ -33,7 +33,7 @@ from spanlm import configs, parallel, resilience
 from spanlm.objectives import base as pretraining
 from spanlm.objectives import masking
 from spanlm.objectives.mlm import MaskedLM
-from spanlm.metrics import MetricsWriter, plot_curves, unigram_neg_log_probs
+from spanlm.metrics import MetricsWriter, plot_curves, trim_metrics, unigram_neg_log_probs
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics
 
@@ -306,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     start, state, data_state = restored
     train_iter.set_state(data_state["iterator"])
+    trim_metrics(wd.root, start)  # rows the interrupted run logged after its last checkpoint
     logging.info("resumed from %s at step %d", checkpointer.directory, start)
   last = min(t.stop_at_step, t.num_steps) if t.stop_at_step else t.num_steps
   if start >= last:

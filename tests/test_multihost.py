@@ -92,7 +92,9 @@ def _assert_same_params(a, b):
   flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
   assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
   for (path, x), (_, y) in zip(flat_a, flat_b):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    # atol 1e-5 = 0.1% of one step at lr 1e-2: BERT's uncorrected Adam (m / (sqrt(v) + eps)) turns
+    # fp32 reduction-order noise on near-zero gradients into up to ~3e-6 here (measured).
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def _config(mesh, **train):

@@ -19,6 +19,7 @@ def tiny_config(**mesh):
   c.train.batch_size, c.train.seq_len, c.train.num_steps = B, L, 100
   c.schedule.warmup_steps = 0
   c.optimizer.learning_rate = 3e-3
+  c.optimizer.eps = 1e-6  # not SpanBERT's 1e-8: see tests/test_parallel.py's config()
   for k, v in mesh.items():
     c.mesh[k] = v
   return c
@@ -71,8 +72,9 @@ def test_sharded_step_equals_single_device(single):
     for k in m1:
       assert m8[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
   # Adam divides by sqrt(v): on rarely-hit embedding rows it magnifies fp32 reduction-order
-  # differences, so compare to 1e-5 (0.3% of one step at lr 3e-3).
-  assert_trees_close(s1.params, s8.params, atol=1e-5)
+  # differences, so compare to 3e-5 (1% of one step at lr 3e-3; attention-probability dropout now adds
+  # a reduction, and one entry of 65k moved 1.06e-5 in the accumulation test).
+  assert_trees_close(s1.params, s8.params, atol=3e-5)
   assert_trees_close(s1.opt_state, s8.opt_state, atol=1e-5)
   # The parameters really are distributed: an FFN kernel is split over `model`.
   kernel = s8.params["encoder"]["layer_0"]["intermediate"]["kernel"]
@@ -86,7 +88,7 @@ def test_gradient_accumulation_equals_the_large_batch(single):
   s1, h1 = run(single, 2)
   s4, h4 = run(accum, 2)
   assert h4[-1]["loss"] == pytest.approx(h1[-1]["loss"], rel=1e-5)
-  assert_trees_close(s1.params, s4.params, atol=1e-5)
+  assert_trees_close(s1.params, s4.params, atol=3e-5)
 
 
 def test_loss_falls_when_fitting_a_batch(single):
@@ -121,9 +123,11 @@ def test_eval_is_deterministic_and_counts_predictions(single):
   batches = [make_batch(1), make_batch(2)]
   a, b = single.evaluate(state.params, batches), single.evaluate(state.params, batches)
   assert a == b
-  # About 15% of the non-special tokens of 32 rows are predicted.
+  # SpanBERT adds whole spans until ceil(15%) of each row's text tokens are covered; the last span
+  # may run past the budget (it is not cut), so the count lies between the budget and ~18%.
+  budget = sum(int(np.ceil(0.15 * n)) for x in batches for n in (x["input_ids"] > 4).sum(axis=1))
   maskable = sum(int(((x["input_ids"] > 4)).sum()) for x in batches)
-  assert a["eval/num_predictions"] == pytest.approx(0.15 * maskable, rel=0.05)
+  assert budget <= a["eval/num_predictions"] <= 0.18 * maskable
   assert a["eval/mlm_loss"] == pytest.approx(np.log(V), rel=0.1)  # untrained: near uniform
   assert a["eval/perplexity"] == pytest.approx(np.exp(a["eval/mlm_loss"]), rel=1e-5)
 
