@@ -22,11 +22,10 @@ CLAIMS = {
     "lamb": "spanlm.repro.claim_lamb",
     "mapnet": "spanlm.repro.claim_mapnet",
     "ewc": "spanlm.repro.claim_ewc",
+    "spanbert": "spanlm.repro.claim_spanbert",
 }
 NEEDS_GLUE = ("ewc",)
 NOT_IMPLEMENTED = {
-    "spanbert": "span masking + SBO vs token masking at equal compute, then SQuAD v1.1 article split "
-                "(experiments/squad.py:v1_dev_split); GPU-days at paper scale",
 }
 
 
