@@ -113,7 +113,7 @@ def run(out: str, *, smoke: bool = False, log=print) -> report.Report:
   c = report.compare(f1["span+sbo"], f1["token"], higher_is_better=True)
   if np.mean(acc["token"]) < PLATEAU_ACCURACY or min(np.mean(f1[a]) for a in ARMS) < F1_FLOOR:
     verdict = "inconclusive"
-    why = (f"inconclusive at this budget: token arm's held-out MLM accuracy {np.mean(acc['token']):.3f} "
+    why = (f"at this budget: the token arm's held-out MLM accuracy {np.mean(acc['token']):.3f} "
            f"(plateau < {PLATEAU_ACCURACY}), SQuAD F1 {report.pm(f1['span+sbo'], 2)} vs {report.pm(f1['token'], 2)} "
            f"(floor {F1_FLOOR})")
   elif c == "better":
