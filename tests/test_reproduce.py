@@ -84,8 +84,37 @@ def test_iterations_to_target_and_unknown_claims():
   np.testing.assert_array_equal(claim_clr.iterations_to(0.5, np.array([0, 50, 100]), acc, 100, 50), [50, 150])
   with pytest.raises(ValueError, match="unknown --claim"):
     repro.run_claim("nope", "/tmp/unused")
-  with pytest.raises(NotImplementedError, match="ewc"):
-    repro.run_claim("ewc", "/tmp/unused")
+  with pytest.raises(ValueError, match="--glue_dir"):
+    repro.run_claim("ewc", "/tmp/unused", glue_dir="/nonexistent")
+
+
+def test_ewc_verdict_rule_on_hand_made_numbers():
+  from spanlm.repro.claim_ewc import decide
+  lams = (0.0, 1e4, 1e6)
+  forget = {0.0: [0.05, 0.06, 0.07], 1e4: [0.045, 0.06, 0.075], 1e6: [0.01, 0.02, 0.015]}
+  cola = {0.0: [0.30, 0.32, 0.31], 1e4: [0.30, 0.31, 0.32], 1e6: [0.28, 0.29, 0.27]}
+  v, reason, lam = decide(lams, forget, cola)
+  assert (v, lam) == ("reproduced", 1e6), reason  # 4.5 points less forgetting, 0.03 MCC cost
+  v, reason, lam = decide(lams, forget, {**cola, 1e6: [0.10, 0.12, 0.11]})
+  assert (v, lam) == ("not reproduced", 1e6) and "trade-off" in reason  # 0.2 MCC cost
+  v, reason, _ = decide(lams, {**forget, 0.0: [-0.01, 0.01, 0.0]}, cola)
+  assert v == "inconclusive" and "does not forget" in reason
+  v, reason, _ = decide(lams, {**forget, 1e6: [0.05, 0.07, 0.08]}, cola)
+  assert v == "not reproduced" and "no lambda" in reason
+  v, reason, _ = decide(lams, {**forget, 1e6: [0.04, 0.07, 0.05]}, cola)  # lower mean, within the margin
+  assert v == "inconclusive" and "not by 2 standard errors" in reason
+
+
+def test_spanbert_arms_differ_only_in_masking_and_sbo():
+  from spanlm.repro import claim_spanbert
+  a, b = (claim_spanbert.arm_config(arm, 1, claim_spanbert.FULL, "").to_dict() for arm in claim_spanbert.ARMS)
+  assert (a["masking"]["scheme"], a["objective"]["sbo"], b["masking"]["scheme"], b["objective"]["sbo"]) == \
+      ("span", True, "token", False)
+  for d in (a, b):
+    for k in ("scheme", "replacement"):
+      d["masking"].pop(k)
+    d["objective"].pop("sbo")
+  assert a == b and a["train"]["num_steps"] == claim_spanbert.FULL["steps"]
 
 
 @pytest.mark.slow

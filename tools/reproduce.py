@@ -10,13 +10,15 @@ from spanlm import repro
 
 _CLAIM = flags.DEFINE_string("claim", None, f"One of {sorted(repro.CLAIMS)}.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_GLUE_DIR = flags.DEFINE_string("glue_dir", "", "GLUE's TSV folders (SST-2/, CoLA/, ...) for --claim=ewc; "
+                                "default $GLUE_DIR.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "A tiny budget that only checks the pipeline (verdict meaningless).")
 
 
 def main(argv):
   del argv
   try:
-    rep = repro.run_claim(_CLAIM.value, _OUT.value, smoke=_SMOKE.value, log=lambda s: print(s, flush=True))
+    rep = repro.run_claim(_CLAIM.value, _OUT.value, smoke=_SMOKE.value, glue_dir=_GLUE_DIR.value, log=lambda s: print(s, flush=True))
   except (ValueError, NotImplementedError) as e:
     raise SystemExit(f"error: {e}")
   print(f"verdict: {rep.verdict}. {rep.reason}")

@@ -21,17 +21,18 @@ CLAIMS = {
     "clr": "spanlm.repro.claim_clr",
     "lamb": "spanlm.repro.claim_lamb",
     "mapnet": "spanlm.repro.claim_mapnet",
+    "ewc": "spanlm.repro.claim_ewc",
+    "spanbert": "spanlm.repro.claim_spanbert",
 }
+NEEDS_GLUE = ("ewc",)
 NOT_IMPLEMENTED = {
-    "ewc": "EWC λ sweep on imported MiniLM, SST-2 then a second GLUE task (--glue_dir); ~4 λ x 3 seeds of "
-           "two fine-tunings (CPU-hours)",
-    "spanbert": "span masking + SBO vs token masking at equal compute, then SQuAD v1.1 article split "
-                "(experiments/squad.py:v1_dev_split); GPU-days at paper scale",
 }
 
 
-def run_claim(name: str, out: str, *, smoke: bool = False, log=print):
-  """Run one claim end to end, write OUT/report.md and OUT/*.png; returns the Report."""
+def run_claim(name: str, out: str, *, smoke: bool = False, log=print, glue_dir: str = ""):
+  """Run one claim end to end, write OUT/report.md and OUT/*.png; returns the Report.
+
+  `glue_dir` (GLUE's TSV folders) is passed to the claims that fine-tune on GLUE (ewc)."""
   if name in NOT_IMPLEMENTED:
     raise NotImplementedError(f"--claim={name} is not implemented yet: {NOT_IMPLEMENTED[name]}")
   if name not in CLAIMS:
@@ -39,9 +40,11 @@ def run_claim(name: str, out: str, *, smoke: bool = False, log=print):
                      f"(not implemented yet: {sorted(NOT_IMPLEMENTED)})")
   os.makedirs(out, exist_ok=True)
   start = time.time()
-  rep = importlib.import_module(CLAIMS[name]).run(out, smoke=smoke, log=log)
+  options = {"glue_dir": glue_dir} if name in NEEDS_GLUE else {}
+  rep = importlib.import_module(CLAIMS[name]).run(out, smoke=smoke, log=log, **options)
   rep.seconds = time.time() - start
-  rep.command = f"python tools/reproduce.py --claim={name} --out={out}" + (" --smoke" if smoke else "")
+  rep.command = (f"python tools/reproduce.py --claim={name} --out={out}"
+                 + "".join(f" --{k}={v}" for k, v in options.items()) + (" --smoke" if smoke else ""))
   if smoke:
     rep.notes.append("SMOKE RUN: a tiny budget that checks the pipeline; the verdict means nothing.")
   rep.write(out)
