@@ -31,6 +31,9 @@ def tiny(c):
   smaller steps reach a lower held-out loss (after 2M tokens 8.7% below the unigram baseline,
   against 2% with 32 rows/step, both before SpanBERT's reference masking; 5.8% below with it, README),
   and lr 2e-3 did worse than 1e-3 (0.6% above the baseline at step 250, against 2.0% below).
+  Halving again did not help: 2000 steps of 8 rows with Adam beta2 0.98 and 100 warmup steps was
+  1.5% below at 0.8M tokens (800 steps), 3.3% at 1.6M and 3.6% at the end (issue 15; the 16-row
+  run: 5.3% below at 1.6M tokens, 5.8% at the end).
   """
   cpu_tiny(c)
   c.train.batch_size = 16

@@ -57,6 +57,21 @@ def _write_errno(e: BaseException) -> int | None:
   return None
 
 
+# TensorStore appends the full JSON spec of the store (and C++ source locations) to every error:
+# hundreds of characters of context, cache and driver settings after the one line that matters.
+_TENSORSTORE_DETAIL = re.compile(r"\s*\[(?:tensorstore_spec(?:\[\d+\])?|source locations)='.*?'\]", re.S)
+
+
+def brief(e: BaseException) -> str:
+  """`e` as text without TensorStore's spec dumps."""
+  return _TENSORSTORE_DETAIL.sub("", str(e))
+
+
+def _is_data_loss(e: BaseException) -> bool:
+  """TensorStore's error for unreadable stored bytes (a truncated or damaged file), raised as ValueError."""
+  return str(e).startswith(("DATA_LOSS", "OUT_OF_RANGE"))
+
+
 class Checkpointer:
   """Save/restore {'state': TrainState, 'data': iterator state} under workdir/checkpoints."""
 
@@ -146,10 +161,13 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=args)
     except (ValueError, KeyError, TypeError) as e:
+      if _is_data_loss(e):
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable (a damaged or "
+                              f"truncated file): {brief(e)}") from e
       raise ValueError(
           f"checkpoint step {step} in {self.directory} does not match the current model/optimizer "
           f"config (was the config changed since it was written?). Use a new --workdir, or restore "
-          f"the original config. Cause: {e}") from e
+          f"the original config. Cause: {brief(e)}") from e
     state, data = restored.state, dict(restored.data or {})
     expected = data.pop(DIGEST_KEY, None)
     data.pop(PARAMS_DIGEST_KEY, None)
@@ -184,7 +202,7 @@ class Checkpointer:
                                      f"another process (see its log)")
         failures.append((step, e))
         logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous "
-                        "one", step, self.directory, type(e).__name__, str(e)[:500])
+                        "one", step, self.directory, type(e).__name__, brief(e)[:500])
         continue
       for bad, _ in failures:
         self._quarantine(bad)
@@ -197,7 +215,7 @@ class Checkpointer:
       if isinstance(e, ValueError):
         raise e
       raise CheckpointError(f"no checkpoint in {self.directory} can be restored; the newest (step "
-                            f"{step}) failed with {type(e).__name__}: {e}") from e
+                            f"{step}) failed with {type(e).__name__}: {brief(e)}") from e
     return None
 
   def _quarantine(self, step: int) -> None:

@@ -311,6 +311,20 @@ def test_ensure_prepared_trains_tokenizer_and_caches(small_corpus, tmp_path):
   assert ensure_prepared(str(root / "doc*"), str(tmp_path), 64, vocab_size=300) != out
 
 
+def test_skip_bad_files_is_part_of_the_cache_key(small_corpus, tmp_path):
+  root, _ = small_corpus
+  write(tmp_path / "empty.txt", b"")
+  corpus = f"{root}/doc0.txt,{tmp_path}/empty.txt"
+  skipped = ensure_prepared(corpus, str(tmp_path), SEQ_LEN, tokenizer=sample.tokenizer_path(), strict=False)
+  # A strict run must not reuse rows that silently left the bad file out: it reads it and refuses.
+  with pytest.raises(CorpusError, match="empty.txt: file is empty"):
+    ensure_prepared(corpus, str(tmp_path), SEQ_LEN, tokenizer=sample.tokenizer_path())
+  clean = f"{root}/doc0.txt"
+  strict = ensure_prepared(clean, str(tmp_path), SEQ_LEN, tokenizer=sample.tokenizer_path())
+  assert ensure_prepared(clean, str(tmp_path), SEQ_LEN, tokenizer=sample.tokenizer_path(), strict=False) not in (
+      strict, skipped)
+
+
 # --- pipeline ----------------------------------------------------------------
 
 

@@ -434,7 +434,7 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
   `corpus` is '' (the bundled sample, with its shipped tokenizer unless
   `tokenizer` is given), a prepared dataset directory (used as is), or raw
   text: a file, a folder of .txt/.txt.gz files, or a glob, prepared into
-  `workdir/data/<hash of files, sizes, mtimes, tokenizer, seq_len>` so rerunning
+  `workdir/data/<hash of files, sizes, mtimes, tokenizer, seq_len, packing, strict>` so rerunning
   the same command reuses it. With raw text and no `tokenizer`, a `vocab_size`
   SentencePiece model is trained on it. `strict=False` skips bad files.
 
@@ -471,8 +471,9 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
         f"Tokenizer {tokenizer!r} does not exist. Leave it unset to train one on the corpus, or create "
         f"one with tools/train_tokenizer.py.")
   tokenizer_key = _file_key(tokenizer) if tokenizer else ["train", vocab_size]
+  # skip_bad_files is part of the key: a strict run must not reuse data that silently left bad files out.
   key = _fingerprint([_file_key(f) for f in files], tokenizer_key, seq_len, validation_fraction,
-                     *([packing] if packing != "document" else []))
+                     *([packing] if packing != "document" else []), *([] if strict else ["skip_bad_files"]))
   out = paths.path(workdir) / "data" / key
   if is_prepared(out):
     logging.info("Reusing prepared dataset %s", out)
