@@ -283,9 +283,10 @@ class EncoderLayer(nn.Module):
 
   def _apply_shared(self, module, shared, *args, deterministic: bool):
     """The shared sub-block with parameters `shared`, inside the scanned body (own dropout key)."""
-    if self.is_mutable_collection("attentions") and not self.is_initializing():
-      raise NotImplementedError(f"capturing attentions with share_layers={self.cfg.share_layers!r} and "
-                                f"scanned layers; set scan_layers=False")
+    if self.cfg.share_layers == "attention" and self.is_mutable_collection("attentions") \
+        and not self.is_initializing():
+      raise NotImplementedError("capturing attentions with share_layers='attention' and scanned layers; "
+                                "set scan_layers=False")
     drop = not deterministic and self.cfg.dropout_rate > 0
     return module.apply({"params": shared}, *args, deterministic=deterministic,
                         rngs={"dropout": self.make_rng("dropout")} if drop else {})
