@@ -289,8 +289,7 @@ def embed_texts(cfg: BertConfig, params: dict, tokenizer, texts: list[str], max_
     ids[i, :len(r)] = r
   mask = (np.arange(length)[None] < np.array([len(r) for r in rows])[:, None]).astype(np.int32)
   model = BertEncoder(dataclasses.replace(cfg, use_pooler=False, dropout_rate=0.0))
-  encoder_params = to_layout({k: v for k, v in params.items() if k != "pooler"}, model.cfg.scanned
-                              and cfg.share_layers == "none")
+  encoder_params = to_layout({k: v for k, v in params.items() if k != "pooler"}, model.cfg.scanned)
 
   @jax.jit
   def forward(p, i, m):

@@ -93,9 +93,40 @@ def test_albert_all_shared_scans_with_one_parameter_set(setup):
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grad_s), jax.tree.leaves(grad_u)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
-  with pytest.raises(ValueError, match="set scan_layers=False"):
-    dataclasses.replace(CFG, share_layers="ffn")
-  assert not BertConfig(vocab_size=8, num_layers=12, hidden_size=8, num_heads=2, share_layers="attention").scanned
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share", ["attention", "ffn"])
+def test_albert_partly_shared_scans_with_the_shared_block_outside(setup, share):
+  """ALBERT share_layers=attention|ffn under scan: the shared sub-block keeps one parameter set
+  (as unrolled), the rest is stacked; outputs and gradients equal the unrolled model's, and the
+  shared block's gradient sums every layer's use of it."""
+  ids, valid, _ = setup
+  cfg = dataclasses.replace(CFG, share_layers=share, remat="full" if share == "ffn" else "none")
+  block = f"shared_{share}"
+  params = nn.meta.unbox(jax.jit(BertEncoder(cfg).init)(jax.random.PRNGKey(0), ids, attention_mask=valid)["params"])
+  assert params[block]["output"]["kernel"].shape == ((32, 16) if share == "ffn" else (2, 8, 16))
+  assert params["layers"]["attention_norm"]["scale"].shape == (3, 16)
+  assert ("attention" in params["layers"]) == (share == "ffn")
+  unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
+  unrolled = unstack_layers(params)
+  abstract = jax.eval_shape(BertEncoder(unrolled_cfg).init, jax.random.PRNGKey(0), ids)["params"]
+  assert jax.tree.structure(nn.meta.unbox(abstract)) == jax.tree.structure(unrolled)
+  loss_s, grad_s = _vg(_loss(cfg, ids, valid))(params)
+  loss_u, grad_u = _vg(_loss(unrolled_cfg, ids, valid))(unrolled)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(unstack_layers(grad_s)), jax.tree.leaves(grad_u)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
+  assert np.abs(np.asarray(grad_s[block]["output"]["kernel"])).max() > 0
+  # Dropout inside the shared block draws a different mask per scanned layer: the output changes
+  # with the dropout key, and training mode differs from inference.
+  drop = jax.jit(lambda p, k: BertEncoder(cfg).apply({"params": p}, ids, attention_mask=valid, deterministic=False,
+                                                     rngs={"dropout": k})[0])
+  assert not np.allclose(drop(params, jax.random.PRNGKey(1)), drop(params, jax.random.PRNGKey(2)))
+  assert BertConfig(vocab_size=8, num_layers=12, hidden_size=8, num_heads=2, share_layers=share).scanned
+  if share == "attention":  # the shared block runs outside flax's scan bookkeeping: no sown maps
+    with pytest.raises(NotImplementedError, match="set scan_layers=False"):
+      BertEncoder(cfg).apply({"params": params}, ids, attention_mask=valid, mutable=["attentions"])
 
 
 def test_scanned_capture_stacks_scores_and_probs_per_layer(setup):

@@ -48,13 +48,13 @@ def peak_memory_bytes(device, compiled) -> tuple[int | None, str]:
   return int(total), "memory_analysis"
 
 
-def run_benchmark(config, batch: int, seq: int, steps: int, warmup: int, vocab_size: int) -> dict:
-  import jax
-  import jaxlib
+def prepare(config, batch: int, seq: int, vocab_size: int, abstract: bool = False):
+  """The Trainer, a synthetic global batch, the train state (abstract: shapes only) and the
+  compiled train step, with compile_s / compile_cpu_s / hlo_lines (tools/benchmark_cpu_side_by_side.py
+  reuses it)."""
   import numpy as np
 
-  from spanlm import flops, parallel
-  from spanlm.models import attention
+  from spanlm import parallel
   from spanlm.train import Trainer
 
   config.train.batch_size, config.train.seq_len = batch, seq
@@ -69,13 +69,28 @@ def run_benchmark(config, batch: int, seq: int, steps: int, warmup: int, vocab_s
     local.update(position_ids=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
                  packing_ids=np.ones_like(ids))
   data = parallel.global_batch(local, mesh)
-  state = trainer.init_state() if steps else trainer.abstract_state
+  state = trainer.abstract_state if abstract else trainer.init_state()
 
   t0, c0 = time.perf_counter(), time.process_time()
   compiled = trainer._train_step_jit.lower(state, data, trainer.frozen).compile()
   compile_s = time.perf_counter() - t0
   compile_cpu_s = time.process_time() - c0  # CPU seconds: steadier than wall time on a shared host
   hlo_lines = len(compiled.as_text().splitlines())  # optimized HLO: grows with unrolled depth
+  return dict(trainer=trainer, mesh=mesh, data=data, state=state, compiled=compiled, compile_s=compile_s,
+              compile_cpu_s=compile_cpu_s, hlo_lines=hlo_lines)
+
+
+def run_benchmark(config, batch: int, seq: int, steps: int, warmup: int, vocab_size: int) -> dict:
+  import jax
+  import jaxlib
+  import numpy as np
+
+  from spanlm import flops, parallel
+  from spanlm.models import attention
+
+  p = prepare(config, batch, seq, vocab_size, abstract=not steps)
+  trainer, mesh, data, state, compiled = p["trainer"], p["mesh"], p["data"], p["state"], p["compiled"]
+  compile_s, compile_cpu_s, hlo_lines = p["compile_s"], p["compile_cpu_s"], p["hlo_lines"]
   cfg = trainer.model.cfg
   if not steps:
     return {"framework": "spanlm (jax)", "model": config.model.size, "num_layers": cfg.num_layers,

@@ -21,13 +21,71 @@ import json
 import statistics
 import time
 
-from spanlm import flops
-from spanlm.models.bert import PRESETS
+from spanlm import flops  # no JAX import: this runs in a torch-only environment too
+
+# BERT's preset names, as spanlm.models.bert.PRESETS (not imported: it pulls JAX and Flax in).
+SIZES = ("tiny", "mini", "small", "medium", "base", "large")
+
+
+def presets() -> dict:
+  from spanlm.models.bert import PRESETS
+  return PRESETS
+
+
+def build_step(preset: dict, batch: int, seq: int, vocab_size: int = 30522, dtype: str = "bfloat16",
+               head: str = "gathered", compile: bool = True):
+  """One training step of HF BertForMaskedLM of shape `preset` (num_layers, hidden_size, num_heads,
+  intermediate_size) on synthetic ids: returns (step, device, model); step() returns the loss."""
+  import torch
+  import transformers
+
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  cfg = transformers.BertConfig(
+      vocab_size=vocab_size, hidden_size=preset["hidden_size"], num_hidden_layers=preset["num_layers"],
+      num_attention_heads=preset["num_heads"], intermediate_size=preset["intermediate_size"],
+      max_position_embeddings=max(512, seq), attn_implementation="sdpa")
+  model = transformers.BertForMaskedLM(cfg).to(device).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
+                          **({"fused": True} if device.type == "cuda" else {}))
+
+  g = torch.Generator().manual_seed(0)
+  ids = torch.randint(5, vocab_size, (batch, seq), generator=g)
+  ids[:, 0], ids[:, -1] = 2, 3
+  num_pred = flops.num_predictions(seq)
+  positions = torch.stack([torch.randperm(seq - 2, generator=g)[:num_pred] + 1
+                           for _ in range(batch)]).sort(-1).values
+  targets = ids.gather(1, positions)
+  inputs = ids.scatter(1, positions, 4)  # [MASK]
+  labels = torch.full_like(ids, -100).scatter(1, positions, targets)
+  inputs, labels, positions, targets = (t.to(device) for t in (inputs, labels, positions, targets))
+  attention_mask = torch.ones_like(inputs)
+
+  def loss_fn():
+    if head == "full":
+      return model(input_ids=inputs, attention_mask=attention_mask, labels=labels).loss
+    hidden = model.bert(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
+    gathered = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    logits = model.cls(gathered)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+  amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+
+  def step():
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+      loss = loss_fn()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  if compile:
+    loss_fn = torch.compile(loss_fn)
+  return step, device, model
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--size", default="base", choices=sorted(PRESETS))
+  p.add_argument("--size", default="base", choices=SIZES)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--steps", type=int, default=20)
@@ -49,48 +107,9 @@ def main():
 
   if args.threads:
     torch.set_num_threads(args.threads)
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  preset = PRESETS[args.size]
-  cfg = transformers.BertConfig(
-      vocab_size=args.vocab_size, hidden_size=preset["hidden_size"], num_hidden_layers=preset["num_layers"],
-      num_attention_heads=preset["num_heads"], intermediate_size=preset["intermediate_size"],
-      max_position_embeddings=max(512, args.seq), attn_implementation="sdpa")
-  model = transformers.BertForMaskedLM(cfg).to(device).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
-                          **({"fused": True} if device.type == "cuda" else {}))
-
-  g = torch.Generator().manual_seed(0)
-  ids = torch.randint(5, args.vocab_size, (args.batch, args.seq), generator=g)
-  ids[:, 0], ids[:, -1] = 2, 3
-  num_pred = flops.num_predictions(args.seq)
-  positions = torch.stack([torch.randperm(args.seq - 2, generator=g)[:num_pred] + 1
-                           for _ in range(args.batch)]).sort(-1).values
-  targets = ids.gather(1, positions)
-  inputs = ids.scatter(1, positions, 4)  # [MASK]
-  labels = torch.full_like(ids, -100).scatter(1, positions, targets)
-  inputs, labels, positions, targets = (t.to(device) for t in (inputs, labels, positions, targets))
-  attention_mask = torch.ones_like(inputs)
-
-  def loss_fn():
-    if args.head == "full":
-      return model(input_ids=inputs, attention_mask=attention_mask, labels=labels).loss
-    hidden = model.bert(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
-    gathered = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-    logits = model.cls(gathered)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-  amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-
-  def step():
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-      loss = loss_fn()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
-
-  if not args.no_compile:
-    loss_fn = torch.compile(loss_fn)
+  preset = presets()[args.size]
+  step, device, model = build_step(preset, batch=args.batch, seq=args.seq, vocab_size=args.vocab_size,
+                                   dtype=args.dtype, head=args.head, compile=not args.no_compile)
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   t0 = time.perf_counter()
   step()
@@ -112,7 +131,7 @@ def main():
   per_seq = flops.train_flops_per_sequence(
       num_layers=preset["num_layers"], hidden_size=preset["hidden_size"],
       intermediate_size=preset["intermediate_size"], vocab_size=args.vocab_size, seq_len=args.seq,
-      num_predictions=num_pred)
+      num_predictions=flops.num_predictions(args.seq))
   kind = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
   peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
   result = {

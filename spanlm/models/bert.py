@@ -102,9 +102,6 @@ class BertConfig:
     object.__setattr__(self, "head_mask", tuple(self.head_mask))  # hashable: modules hash their config
     head_keep(self, 0)  # validates head_mask early
     attn_lib.resolve(self.attention_impl, self.dtype, platform="cpu")  # validates the name
-    if self.scan_layers and self.share_layers in ("attention", "ffn"):
-      raise ValueError(f"scan_layers=True with share_layers={self.share_layers!r} is not supported (the "
-                       f"shared sub-block would live outside the scan); set scan_layers=False or None")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if self.hidden_size % self.num_heads:
@@ -114,8 +111,8 @@ class BertConfig:
   @property
   def scanned(self) -> bool:
     """Layers run under nn.scan (parameters stacked on a leading `layers` axis)."""
-    if self.scan_layers is None:  # partly shared (ALBERT attention/ffn) layers stay unrolled
-      return self.num_layers >= SCAN_MIN_LAYERS and self.share_layers not in ("attention", "ffn")
+    if self.scan_layers is None:
+      return self.num_layers >= SCAN_MIN_LAYERS
     return bool(self.scan_layers)
 
   @property
@@ -273,18 +270,40 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Post-LN block: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+  """Post-LN block: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
+
+  ALBERT share_layers='attention'|'ffn': unrolled, the encoder's one shared module is passed in as
+  `shared_attention` / `shared_ffn`; scanned, its parameters come as the `shared` argument (broadcast
+  to every step of the scan, so they stay one set outside the stacked `layers`)."""
 
   cfg: BertConfig
   shared_attention: Any = None  # ALBERT share_layers='attention': the encoder's one SelfAttention
   shared_ffn: Any = None  # ... 'ffn': the encoder's one FeedForward
   layer: int = -1  # index in the encoder (for cfg.head_mask)
 
+  def _apply_shared(self, module, shared, *args, deterministic: bool):
+    """The shared sub-block with parameters `shared`, inside the scanned body (own dropout key)."""
+    if self.cfg.share_layers == "attention" and self.is_mutable_collection("attentions") \
+        and not self.is_initializing():
+      raise NotImplementedError("capturing attentions with share_layers='attention' and scanned layers; "
+                                "set scan_layers=False")
+    drop = not deterministic and self.cfg.dropout_rate > 0
+    return module.apply({"params": shared}, *args, deterministic=deterministic,
+                        rngs={"dropout": self.make_rng("dropout")} if drop else {})
+
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool, keep=None):
+  def __call__(self, x, mask, deterministic: bool, keep=None, shared=None):
     cfg = self.cfg
-    attention = self.shared_attention if self.shared_attention is not None else SelfAttention(cfg, layer=self.layer, name="attention")
-    x = layer_norm(cfg, "attention_norm")(x + attention(x, mask, deterministic, keep))
+    if shared is not None and cfg.share_layers == "attention":
+      a = self._apply_shared(SelfAttention(cfg, parent=None), shared, x, mask, deterministic=deterministic)
+    else:
+      attention = (self.shared_attention if self.shared_attention is not None
+                   else SelfAttention(cfg, layer=self.layer, name="attention"))
+      a = attention(x, mask, deterministic, keep)
+    x = layer_norm(cfg, "attention_norm")(x + a)
+    if shared is not None and cfg.share_layers == "ffn":
+      h = self._apply_shared(FeedForward(cfg, parent=None), shared, x, deterministic=deterministic)
+      return layer_norm(cfg, "output_norm")(x + h)
     if self.shared_ffn is not None:
       return layer_norm(cfg, "output_norm")(x + self.shared_ffn(x, deterministic))
     h = nn.gelu(dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(x), approximate=False)
@@ -301,8 +320,8 @@ def head_keeps(cfg: BertConfig):
   return np.stack([k if (k := head_keep(cfg, l)) is not None else ones for l in range(cfg.num_layers)])
 
 
-def _scan_step(layer, x, keep, mask, deterministic):
-  return layer(x, mask, deterministic, keep), None
+def _scan_step(layer, x, keep, mask, deterministic, shared):
+  return layer(x, mask, deterministic, keep, shared), None
 
 
 class BertEncoder(nn.Module):
@@ -325,9 +344,10 @@ class BertEncoder(nn.Module):
       shared["shared_ffn"] = FeedForward(cfg, name="shared_ffn")
     if cfg.scanned:
       # 'all': one parameter set broadcast to every step (same layout as unrolled: layer_shared);
-      # else parameters (and sown collections) stacked along a leading `layers` axis.
-      stacked = share == "none"
-      self.scanned_layer = layer(cfg, name="layers" if stacked else "layer_shared")
+      # else parameters (and sown collections) stacked along a leading `layers` axis, and the
+      # shared sub-block ('attention'|'ffn') kept once, as unrolled, its parameters broadcast.
+      self.scanned_layer = layer(cfg, name="layer_shared" if share == "all" else "layers")
+      self.shared_block = next(iter(shared.values()), None)
     elif share == "all":  # ALBERT: one set of layer parameters, applied num_layers times
       self.layers = [layer(cfg, name="layer_shared")] * cfg.num_layers
     else:
@@ -337,17 +357,25 @@ class BertEncoder(nn.Module):
 
   def _run_scanned(self, x, mask, deterministic):
     cfg = self.cfg
-    stacked = cfg.share_layers == "none"
+    stacked = cfg.share_layers != "all"
     axes = {"attentions": 0, "intermediates": 0}
     if stacked:
       axes["params"] = 0
     scan = nn.scan(_scan_step, variable_axes=axes,
                    variable_broadcast=False if stacked else "params",
                    split_rngs={"params": stacked, "dropout": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
     keeps = head_keeps(cfg)
-    x, _ = scan(self.scanned_layer, x, None if keeps is None else jnp.asarray(keeps), mask, deterministic)
+    shared = None
+    if self.shared_block is not None:  # ALBERT attention|ffn: one parameter set, outside the scan
+      if self.is_initializing():  # creates its parameters
+        if cfg.share_layers == "attention":
+          self.shared_block(x, mask, True)
+        else:
+          self.shared_block(x, True)
+      shared = self.shared_block.variables["params"]
+    x, _ = scan(self.scanned_layer, x, None if keeps is None else jnp.asarray(keeps), mask, deterministic, shared)
     return x
 
   def __call__(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None,
