@@ -172,6 +172,11 @@ def test_converted_checkpoint_and_glob_corpus_on_gs(gcs, tmp_path):
   assert convert.is_converted("gs://bucket/conv")
   _, remote, tok = convert.load_converted("gs://bucket/conv")
   assert tok.cls_id == 2
+  from spanlm import finetune
+  c = finetune.finetune_config()
+  c.init_checkpoint = "gs://bucket/conv"  # fine-tuning starts from it
+  _, encoder, _ = finetune.load_encoder(c)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(encoder)))
   convert.export_hf("gs://bucket/conv", "gs://bucket/hf")
   assert epath.Path("gs://bucket/hf/model.safetensors").exists()
   convert.import_hf("gs://bucket/hf", str(tmp_path / "back"))
