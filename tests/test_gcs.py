@@ -143,6 +143,7 @@ def test_bad_urls_are_one_line(gcs, tmp_path):
   assert not os.path.exists(tmp_path / "gs:")
 
 
+@pytest.mark.slow  # ~10 s: JAX, Orbax and tokenization against the server
 def test_converted_checkpoint_and_glob_corpus_on_gs(gcs, tmp_path):
   """tools/import_checkpoint.py's conversions with gs:// --src/--out, and a raw-text glob on gs://."""
   import flax.linen as nn
