@@ -22,14 +22,16 @@ layers); a scanned model's stacked `layers` are unstacked on save and export, an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-import shutil
+import tempfile
 
 import flax.traverse_util as tu
 import numpy as np
 from absl import logging
 
+from spanlm import paths
 from spanlm.models.bert import BertConfig, to_layout, unstack_layers
 
 FORMAT_VERSION = 1
@@ -158,34 +160,63 @@ def check_vocab(tokenizer, cfg: BertConfig) -> None:
                  tokenizer.vocab_size, cfg.vocab_size, cfg.vocab_size - tokenizer.vocab_size)
 
 
-# --- converted checkpoints -----------------------------------------------------------------------
-def is_converted(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, META_FILE))
+# --- converted checkpoints (local folders or gs:// URLs) -----------------------------------------
+def _guarded(url, fn):
+  """fn(), with a gs:// location that cannot be reached as one line naming it (paths.access_error)."""
+  try:
+    return fn()
+  except (FileNotFoundError, ValueError):
+    raise
+  except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise their own types)
+    if paths.is_remote(url):
+      raise paths.access_error(url, e) from e
+    raise
 
 
-def save_converted(out_dir: str, cfg: BertConfig, params: dict, tokenizer) -> str:
-  """Write a converted checkpoint (overwriting one at `out_dir`)."""
+def _checkpointer():
   import orbax.checkpoint as ocp
+  # SPANLM_CHECKPOINT_OCDBT=0: one zarr store per array (spanlm/checkpoint.py says why).
+  ocdbt = os.environ.get("SPANLM_CHECKPOINT_OCDBT", "1") != "0"
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=ocdbt))
 
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+
+def _local_files(folder) -> str:
+  """A local folder holding the top-level files of `folder` (itself if local; for gs://, copies
+  in a temporary cache, fetched once): tokenizer files and JSON that local readers open by name."""
+  if not paths.is_remote(folder):
+    return str(folder)
+  local = os.path.join(tempfile.gettempdir(), "spanlm_remote_files",
+                       hashlib.sha256(str(folder).encode()).hexdigest()[:12])
+  os.makedirs(local, exist_ok=True)
+  for child in _guarded(folder, lambda: list(paths.path(folder).iterdir())):
+    if not child.is_dir():
+      child.copy(paths.path(os.path.join(local, child.name)), overwrite=True)
+  return local
+
+
+def is_converted(path) -> bool:
+  return _guarded(path, (paths.path(path) / META_FILE).exists)
+
+
+def save_converted(out_dir, cfg: BertConfig, params: dict, tokenizer) -> str:
+  """Write a converted checkpoint (overwriting one at `out_dir`, a folder or a gs:// URL)."""
+  out = paths.path(out_dir)
+  _guarded(out_dir, lambda: out.mkdir(parents=True, exist_ok=True))
   tok_file = os.path.basename(tokenizer.path)
-  if os.path.abspath(tokenizer.path) != os.path.join(out_dir, tok_file):
-    shutil.copy(tokenizer.path, os.path.join(out_dir, tok_file))
+  if paths.path(tokenizer.path) != out / tok_file:
+    paths.path(tokenizer.path).copy(out / tok_file, overwrite=True)
   if hasattr(tokenizer, "do_lower_case"):
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-      json.dump({"do_lower_case": tokenizer.do_lower_case}, f)
-  params_dir = os.path.join(out_dir, "params")
-  if os.path.exists(params_dir):
-    shutil.rmtree(params_dir)
-  with ocp.StandardCheckpointer() as ckptr:
+    (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": tokenizer.do_lower_case}))
+  params_dir = out / "params"
+  if params_dir.exists():
+    params_dir.rmtree()
+  with _checkpointer() as ckptr:
     ckptr.save(params_dir, {"encoder": tu.unflatten_dict(
         {k: np.asarray(v, np.float32) for k, v in tu.flatten_dict(unstack_layers(params)).items()})})
   meta = {"format_version": FORMAT_VERSION, "tokenizer": tok_file,
           **{k: getattr(cfg, k) for k in _SERIALIZED}}
-  with open(os.path.join(out_dir, META_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
-  return out_dir
+  (out / META_FILE).write_text(json.dumps(meta, indent=2))  # last: marks the checkpoint complete
+  return str(out)
 
 
 def load_converted(path: str, tokenizer: str | None = None):
@@ -194,21 +225,18 @@ def load_converted(path: str, tokenizer: str | None = None):
   The params come in the layout of `BertEncoder(cfg)`: stacked `layers` when cfg scans its
   layers (6 or more, by default), else `layer_0 ...` as stored.
   """
-  import orbax.checkpoint as ocp
-
   from spanlm.data import wordpiece
 
-  with open(os.path.join(path, META_FILE)) as f:
-    meta = json.load(f)
+  meta = json.loads(_guarded(path, (paths.path(path) / META_FILE).read_text))
   if meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}/{META_FILE} has format_version {meta.get('format_version')}, expected "
                      f"{FORMAT_VERSION}; re-run tools/import_checkpoint.py")
   cfg = BertConfig(**{k: meta[k] for k in _SERIALIZED})
-  with ocp.StandardCheckpointer() as ckptr:
-    raw = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
+  with _checkpointer() as ckptr:
+    raw = ckptr.restore(paths.path(path) / "params")
   params = tu.unflatten_dict({k: np.asarray(v) for k, v in tu.flatten_dict(raw["encoder"]).items()})
   params = to_layout(params, cfg.scanned)
-  tok = wordpiece.load_tokenizer(tokenizer or os.path.join(path, meta["tokenizer"]))
+  tok = wordpiece.load_tokenizer(tokenizer or os.path.join(_local_files(path), meta["tokenizer"]))
   check_vocab(tok, cfg)
   return cfg, params, tok
 
@@ -219,6 +247,7 @@ def import_hf(src: str, out_dir: str) -> str:
 
   from spanlm.data import wordpiece
 
+  src = _local_files(src)  # a gs:// source is fetched (its files: config, vocabulary, weights)
   for name in ("config.json", "vocab.txt"):
     if not os.path.isfile(os.path.join(src, name)):
       raise FileNotFoundError(f"{src!r} has no {name}; expected an HF BERT directory "
@@ -247,20 +276,22 @@ def export_hf(src: str, out_dir: str) -> str:
   """Converted checkpoint -> HF BERT directory (config.json, model.safetensors, vocab)."""
   from safetensors.numpy import save_file
 
+  from safetensors.numpy import save
+
   cfg, params, tok = load_converted(src)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg, tok.pad_id), f, indent=2)
-  save_file(params_to_hf(params, cfg), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  out = paths.path(out_dir)  # a folder or a gs:// URL
+  _guarded(out_dir, lambda: out.mkdir(parents=True, exist_ok=True))
+  (out / "config.json").write_text(json.dumps(config_to_hf(cfg, tok.pad_id), indent=2))
+  (out / "model.safetensors").write_bytes(save(params_to_hf(params, cfg), metadata={"format": "pt"}))
   if tok.path.endswith(".model"):
     logging.warning("the tokenizer is SentencePiece (%s): copied as is; HF's BertTokenizer cannot read it",
                     os.path.basename(tok.path))
-    shutil.copy(tok.path, out_dir)
+    paths.path(tok.path).copy(out / os.path.basename(tok.path), overwrite=True)
   else:
-    shutil.copy(tok.path, os.path.join(out_dir, "vocab.txt"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-      json.dump({"do_lower_case": tok.do_lower_case, "tokenizer_class": "BertTokenizer"}, f)
-  return out_dir
+    paths.path(tok.path).copy(out / "vocab.txt", overwrite=True)
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": tok.do_lower_case, "tokenizer_class": "BertTokenizer"}))
+  return str(out)
 
 
 # --- using a converted checkpoint ----------------------------------------------------------------

@@ -150,7 +150,7 @@ def load_encoder(config) -> tuple[BertConfig, Any, Any]:
   from spanlm import workdir as workdir_lib
   if workdir_lib.Workdir(path).has_checkpoints():  # a pretraining workdir, local or gs://
     return _load_pretraining_workdir(path, config, common)
-  if not os.path.isdir(path):
+  if not workdir_lib.is_remote(path) and not os.path.isdir(path):
     raise FileNotFoundError(f"config.init_checkpoint={path!r} is not a directory; give a converted "
                             f"checkpoint (tools/import_checkpoint.py --out=DIR) or a pretraining workdir")
   from spanlm import convert

@@ -1,4 +1,4 @@
-"""A gs:// workdir end to end, against a real GCS server (gcp-storage-emulator on 127.0.0.1).
+"""A gs:// workdir end to end, against a real GCS server (the `gcs` fixture in conftest.py).
 
 gcsfs (etils.epath's gs:// backend) finds the server through STORAGE_EMULATOR_HOST and
 TensorStore (Orbax's backend) through TENSORSTORE_GCS_HTTP_URL. A tiny run with
@@ -6,12 +6,16 @@ TensorStore (Orbax's backend) through TENSORSTORE_GCS_HTTP_URL. A tiny run with
 parameters must be bit-identical (tools/inspect_checkpoint.py's digest) to an uninterrupted local
 run's, fine-tuning must start from the gs:// workdir, and nothing may land in a local folder
 named `gs:`.
+
+Cost: the three CLI runs (local, killed, rerun) compile the same programs, so they share a JAX
+persistent compilation cache (the second and third hit it), compile with XLA's cheap CPU options,
+and train on a corpus of a few hundred 16-token rows.
 """
+import gzip
 import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,114 +26,89 @@ pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 8
+STEPS = 6
 TINY = [f"--config={ROOT}/experiments/bert.py:tiny", "--config.model.num_layers=1", "--config.model.hidden_size=32",
-        "--config.model.num_heads=2", "--config.model.intermediate_size=64", "--config.train.seq_len=32",
+        "--config.model.num_heads=2", "--config.model.intermediate_size=64", "--config.train.seq_len=16",
         "--config.train.batch_size=8", f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=2",
         "--config.train.log_every=2", "--config.train.eval_every=0", "--config.train.eval_batches=1",
         "--config.schedule.warmup_steps=2"]
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-  """A GCS server with a bucket named `bucket`; the environment pointing gcsfs and TensorStore at it."""
-  port = _free_port()
-  url = f"http://127.0.0.1:{port}"
-  server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-                             f"--port={port}", "--in-memory", "--default-bucket=bucket"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 60
-  while True:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      if time.time() > deadline or server.poll() is not None:
-        server.kill()
-        pytest.fail("gcp-storage-emulator did not start")
-      time.sleep(0.2)
-  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                                           "SPANLM_DATA_CACHE", "SPANLM_CHECKPOINT_OCDBT")}
-  # The emulator mishandles OCDBT's repeated manifest writes (spanlm/checkpoint.py): plain zarr.
-  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, SPANLM_CHECKPOINT_OCDBT="0",
-                    SPANLM_DATA_CACHE=str(tmp_path_factory.mktemp("cache")))
-  yield url
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  server.kill()
-  server.wait()
+def cli_env(tmp_path_factory):
+  """The environment of the CLI runs: cheap XLA CPU compiles, one shared persistent compilation
+  cache, and no matplotlib (the curves PNG costs 3 s per run and is not what this tests)."""
+  base = tmp_path_factory.mktemp("cli")
+  (base / "stub" / "matplotlib").mkdir(parents=True)
+  (base / "stub" / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by tests/test_gcs.py')\n")
+  return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA}",
+          "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+          "PYTHONPATH": os.pathsep.join([str(base / "stub"), ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
-def _config(corpus, tokenizer):
-  import spanlm
-  c = spanlm.load_config(os.path.join(ROOT, "experiments", "bert.py:tiny"))
-  for flag in TINY[1:]:
-    key, value = flag[len("--config."):].split("=", 1)
-    group, field = key.split(".")
-    c[group][field] = int(value)
-  c.data.corpus, c.data.tokenizer = corpus, tokenizer
-  return c
+def _env(extra=None):
+  return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **(extra or {})}
 
 
-def _env():
-  return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-
-
-def _inspect():
+def _inspect_tool():
   spec = importlib.util.spec_from_file_location("inspect_checkpoint", os.path.join(ROOT, "tools/inspect_checkpoint.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.inspect
+  return module
+
+
+def _tiny_corpus(folder):
+  """The first 20,000 characters of a sample book: a few hundred rows of 16 tokens."""
+  from spanlm.data import sample
+  with gzip.open(sample.corpus_files()[0], "rt") as f:
+    text = f.read()[:20000]
+  out = os.path.join(folder, "book.txt")
+  with open(out, "w") as f:
+    f.write(text)
+  return out
 
 
 @pytest.mark.slow
-def test_gs_workdir_survives_sigkill_and_matches_local(gcs, tmp_path):
+def test_gs_workdir_survives_sigkill_and_matches_local(gcs, cli_env, tmp_path, capsys):
   from etils import epath
 
-  from spanlm import train
   from spanlm.data import sample
-  corpus, tokenizer = sample.corpus_files()[0], sample.tokenizer_path()
-  # The uninterrupted local reference, in this process (8 devices, as the CLI run below).
-  train.train_and_evaluate(_config(corpus, tokenizer), str(tmp_path / "local"))
+  corpus, tokenizer = _tiny_corpus(tmp_path), sample.tokenizer_path()
+
+  def cmd(workdir):
+    return [sys.executable, "-m", "spanlm.main", f"--workdir={workdir}", *TINY, f"--config.data.corpus={corpus}",
+            f"--config.data.tokenizer={tokenizer}"]
+
+  # The uninterrupted local reference, through the CLI as the runs below (8 devices, same compiles).
+  r = subprocess.run(cmd(tmp_path / "local"), cwd=tmp_path, env=_env(cli_env), capture_output=True, text=True,
+                     timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
 
   run = "gs://bucket/run"
-  cmd = [sys.executable, "-m", "spanlm.main", f"--workdir={run}", *TINY, f"--config.data.corpus={corpus}",
-         f"--config.data.tokenizer={tokenizer}"]
   log = open(tmp_path / "killed.log", "w+")
-  proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(cmd(run), cwd=tmp_path, env=_env(cli_env), stdout=log, stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 900  # generous: a loaded CI machine starts JAX slowly
-    # Killed once step 2 is committed (Orbax's marker on object storage), i.e. mid-run.
+    # Killed once step 2 is committed (Orbax's marker on object storage), i.e. mid-run: the run
+    # still has to save step 4 and evaluate before its last save.
     while not (epath.Path(run) / "checkpoints" / "2" / "commit_success.txt").exists():
       assert proc.poll() is None and time.time() < deadline, (log.seek(0), log.read()[-3000:])[1]
-      time.sleep(0.2)
+      time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
   finally:
     if proc.poll() is None:
       proc.kill()
   assert not (epath.Path(run) / "checkpoints" / str(STEPS)).exists()  # it really stopped mid-run
-  r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)  # the rerun
+  r = subprocess.run(cmd(run), cwd=tmp_path, env=_env(cli_env), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resumed from {run}/checkpoints at step" in r.stderr
 
-  def tool(*args):
-    r = subprocess.run([sys.executable, *args], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
-
-  remote = json.loads(tool(os.path.join(ROOT, "tools", "inspect_checkpoint.py"), f"--workdir={run}"))
-  local = _inspect()(str(tmp_path / "local"))
+  # tools/inspect_checkpoint.py, run here (no third JAX start-up): the same digest.
+  assert _inspect_tool().main([f"--workdir={run}"]) == 0
+  remote, local = json.loads(capsys.readouterr().out), _inspect_tool().inspect(str(tmp_path / "local"))
   assert remote["step"] == local["step"] == STEPS
   assert remote["params_sha256"] == local["params_sha256"]  # bit-identical to the uninterrupted run
   assert remote["workdir"] == run and remote["config"]["train"]["num_steps"] == STEPS
@@ -139,12 +118,12 @@ def test_gs_workdir_survives_sigkill_and_matches_local(gcs, tmp_path):
   assert sorted(r["step"] for r in rows if "train/loss" in r) == list(range(2, STEPS + 1, 2))
 
   # Fine-tuning starts from the gs:// workdir: its encoder is the pretrained one, bit for bit.
-  from spanlm import checkpoint, resilience
-  out = tool("-c", "from spanlm import finetune, resilience; c = finetune.finetune_config(); "
-             f"c.init_checkpoint = {run!r}; _, params, _ = finetune.load_encoder(c); "
-             "print(resilience.tree_digest(params))")
+  from spanlm import checkpoint, finetune, resilience
+  c = finetune.finetune_config()
+  c.init_checkpoint = run
+  _, params, _ = finetune.load_encoder(c)
   raw, _ = checkpoint.read_raw(tmp_path / "local" / "checkpoints" / str(STEPS))
-  assert out.strip().splitlines()[-1] == resilience.tree_digest(raw["params"]["encoder"])
+  assert resilience.tree_digest(params) == resilience.tree_digest(raw["params"]["encoder"])
 
   for folder in (ROOT, str(tmp_path), os.getcwd()):
     assert not os.path.exists(os.path.join(folder, "gs:")), folder
@@ -162,3 +141,69 @@ def test_bad_urls_are_one_line(gcs, tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error: cannot access gs://no-such-bucket/run") and "Traceback" not in r.stderr
   assert not os.path.exists(tmp_path / "gs:")
+
+
+@pytest.mark.slow  # ~10 s: JAX, Orbax and tokenization against the server
+def test_converted_checkpoint_and_glob_corpus_on_gs(gcs, tmp_path):
+  """tools/import_checkpoint.py's conversions with gs:// --src/--out, and a raw-text glob on gs://."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from etils import epath
+  from safetensors.numpy import save_file
+
+  from spanlm import convert
+  from spanlm.data import corpus as corpus_lib
+  from spanlm.data import prepare, sample
+  from spanlm.models.bert import BertConfig, BertEncoder
+
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(27)]
+  cfg = BertConfig(vocab_size=len(vocab), num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32,
+                   max_position_embeddings=24, use_pooler=True, dropout_rate=0.0)
+  params = jax.tree.map(np.asarray, nn.meta.unbox(
+      BertEncoder(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32))["params"]))
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  save_file(convert.params_to_hf(params, cfg), str(hf / "model.safetensors"))
+  (hf / "config.json").write_text(json.dumps(convert.config_to_hf(cfg)))
+  (hf / "vocab.txt").write_text("\n".join(vocab) + "\n")
+
+  # HF folder -> gs:// converted checkpoint -> gs:// HF folder -> local converted checkpoint.
+  assert convert.import_hf(str(hf), "gs://bucket/conv") == "gs://bucket/conv"
+  assert convert.is_converted("gs://bucket/conv")
+  _, remote, tok = convert.load_converted("gs://bucket/conv")
+  assert tok.cls_id == 2
+  from spanlm import finetune
+  c = finetune.finetune_config()
+  c.init_checkpoint = "gs://bucket/conv"  # fine-tuning starts from it
+  _, encoder, _ = finetune.load_encoder(c)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(encoder)))
+  convert.export_hf("gs://bucket/conv", "gs://bucket/hf")
+  assert epath.Path("gs://bucket/hf/model.safetensors").exists()
+  convert.import_hf("gs://bucket/hf", str(tmp_path / "back"))
+  _, back, _ = convert.load_converted(str(tmp_path / "back"))
+  for a, b, c in zip(jax.tree.leaves(params), jax.tree.leaves(remote), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+  # Raw text on gs://: a glob is resolved, read and prepared like a local one.
+  with gzip.open(sample.corpus_files()[0], "rt") as f:
+    text = f.read()
+  (tmp_path / "books").mkdir()
+  for i in range(2):  # the same two books, on gs:// and locally
+    epath.Path(f"gs://bucket/books/book{i}.txt").write_text(text[i * 6000:(i + 1) * 6000])
+    (tmp_path / "books" / f"book{i}.txt").write_text(text[i * 6000:(i + 1) * 6000])
+  epath.Path("gs://bucket/books/notes.md").write_text("not matched")
+  files = corpus_lib.resolve_files("gs://bucket/books/*.txt")
+  assert files == ["gs://bucket/books/book0.txt", "gs://bucket/books/book1.txt"]
+  assert corpus_lib.resolve_files("gs://bucket/books") == files  # a folder: its .txt files
+  assert [len(d.paragraphs) > 0 for d in corpus_lib.read_documents(files)] == [True, True]
+  out = prepare.ensure_prepared("gs://bucket/books/*.txt", tmp_path / "wd", 16, tokenizer=sample.tokenizer_path())
+  local = prepare.ensure_prepared(str(tmp_path / "books"), tmp_path / "wd_local", 16, tokenizer=sample.tokenizer_path())
+  a, b = prepare.load_prepared(prepare.local_copy(out)), prepare.load_prepared(local)
+  assert len(a.train) == len(b.train) > 0
+  np.testing.assert_array_equal(a.train[len(a.train) - 1]["input_ids"], b.train[len(b.train) - 1]["input_ids"])
+  with pytest.raises(ValueError, match=r"^s3://b/\*\.txt: the URL scheme s3:// is not supported"):
+    corpus_lib.resolve_files("s3://b/*.txt")
+  with pytest.raises(FileNotFoundError, match=r"No files match 'gs://bucket/none/\*\.txt'"):
+    corpus_lib.resolve_files("gs://bucket/none/*.txt")

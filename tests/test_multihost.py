@@ -3,15 +3,21 @@
 Each case runs `python -m spanlm.main --coordinator_address=... --num_processes=2 --process_id=i`
 on a mesh whose axes span the processes: model=2 on 2 x 1 devices (each process a replica of
 the other's batch), model=4 and fsdp=4 on 2 x 2, data=8 on 2 x 4. Each must equal the reference,
-1 process x 8 devices run in this test process, in per-step loss (metrics.jsonl, relative 1e-5)
+`python -m spanlm.main` on 1 process x 8 devices, in per-step loss (metrics.jsonl, relative 1e-5)
 and final parameters. Every process loads only the rows of each global batch its devices hold
 (parallel.batch_rows), so this fails if a process feeds the wrong rows, too few rows, or rows a
-replica does not share. The data=8 case is a resume: the reference stops after step STOP and a
-copy of its workdir continues on 2 x 4.
+replica does not share. The data=8 case is a resume: a copy of the reference's workdir, cut back
+to its checkpoint at step STOP, continues on 2 x 4.
 
-The runs are tiny (1 layer, width 32, 4 heads, 32 tokens, 3 steps) and start together; most of
-their cost is importing JAX.
+Cost (the README's test command must fit in 8 minutes on 2 cores): 9 processes, each mostly
+importing JAX and compiling. So the runs are tiny (1 layer, width 32, 4 heads, 16 tokens, 3
+steps, a corpus of a few hundred rows prepared once), one reference serves every case (the
+global batch of a step depends only on (seed, step, batch size)), and every process compiles
+with XLA's cheap CPU backend options (FAST_XLA, the same for all runs, so the comparison is
+like for like). A JAX persistent compilation cache would not help here: no two runs compile the
+same program for the same devices.
 """
+import gzip
 import json
 import os
 import shutil
@@ -29,12 +35,14 @@ STEPS, STOP = 3, 1
 TINY = ["--config=experiments/bert.py:tiny", "--config.model.num_layers=1",
         "--config.model.hidden_size=32", "--config.model.num_heads=4", "--config.model.intermediate_size=64",
         "--config.model.vocab_multiple=256", "--config.model.dropout_rate=0.1",
-        "--config.train.seq_len=32", "--config.train.batch_size=16", f"--config.train.num_steps={STEPS}",
+        "--config.train.seq_len=16", "--config.train.batch_size=16", f"--config.train.num_steps={STEPS}",
         "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.eval_batches=1",
         "--config.schedule.warmup_steps=1", "--config.optimizer.learning_rate=1e-2"]
 # name: (processes, devices per process, mesh data/fsdp/model)
 CASES = {"model2": (2, 1, (1, 1, 2)), "model4": (2, 2, (1, 1, 4)), "fsdp4": (2, 2, (1, 4, 1)),
          "data8": (2, 4, (8, 1, 1))}
+# Unoptimised CPU code generation: compiles ~1/3 faster; the steps are milliseconds anyway.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +53,22 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, corpus, processes, devices, mesh, *extra):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+def _hide_matplotlib(base):
+  """A folder for PYTHONPATH in which `import matplotlib` fails, so process 0 skips the curves
+  PNG (3 s of CPU per run, not what this test checks)."""
+  stub = base / "no_matplotlib" / "matplotlib"
+  stub.mkdir(parents=True, exist_ok=True)
+  (stub / "__init__.py").write_text("raise ImportError('matplotlib hidden by tests/test_multihost.py')\n")
+  return str(stub.parent)
+
+
+def _launch(workdir, corpus, stub, processes, devices, mesh, *extra):
+  # No persistent compilation cache (conftest.py's): one process loading the other's program
+  # deadlocked gloo's start-up.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS") and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_XLA}", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([stub, ROOT, os.environ.get("PYTHONPATH", "")]))
   cmd = [sys.executable, "-m", "spanlm.main", f"--workdir={workdir}", *TINY, f"--config.data.corpus={corpus}",
          f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}", f"--config.mesh.model={mesh[2]}", *extra]
   if processes > 1:
@@ -97,50 +118,34 @@ def _assert_same_params(a, b):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-def _config(mesh, **train):
-  """The CLI's config (TINY) for an in-process run."""
-  import spanlm
-  c = spanlm.load_config(os.path.join(ROOT, TINY[0].split("=", 1)[1]))
-  for flag in TINY[1:]:
-    key, value = flag[len("--config."):].split("=", 1)
-    group, field = key.split(".")
-    try:
-      c[group][field] = int(value)
-    except ValueError:
-      c[group][field] = float(value)
-  c.mesh.data, c.mesh.fsdp, c.mesh.model = mesh
-  for k, v in train.items():
-    c.train[k] = v
-  return c
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The 2-process CLI runs (started together), and the reference: 1 process x 8 devices, in this one.
-
-  The global batch of every step depends only on (seed, step, batch size), so one reference
-  serves every mesh: each 2-process run must match it step by step.
-  """
-  from spanlm import train
+  """The 2-process CLI runs and the reference (1 process x 8 devices), started together; the
+  data=8 resume starts from the reference's step-STOP checkpoint once the reference is done."""
   from spanlm.data import prepare, sample
   base = tmp_path_factory.mktemp("multihost")
-  corpus = prepare.ensure_prepared(sample.corpus_files()[0], str(base / "prep"), 32,
+  # A few hundred rows of 16 tokens, prepared once for every run (no run re-tokenizes).
+  with gzip.open(sample.corpus_files()[0], "rt") as f:
+    (base / "book.txt").write_text(f.read()[:20000])
+  corpus = prepare.ensure_prepared(str(base / "book.txt"), str(base / "prep"), 16,
                                    tokenizer=sample.tokenizer_path())
+  stub = _hide_matplotlib(base)
   started = []
   try:
+    # The reference saves every step (the data=8 case resumes from its step STOP).
+    ref = _launch(base / "ref", corpus, stub, 1, 8, CASES["data8"][2], "--config.train.checkpoint_every=1",
+                  f"--config.train.keep_checkpoints={STEPS}")
+    started.append(ref)
     for name, (processes, devices, mesh) in CASES.items():
       if name != "data8":
-        started.append(_launch(base / name, corpus, processes, devices, mesh))
-    # Reference, stopped after step STOP (checkpointed); a copy of it resumes on 2 x 4.
-    ref = base / "ref"
-    c = _config(CASES["data8"][2], stop_at_step=STOP)
-    c.data.corpus = corpus
-    train.train_and_evaluate(c, str(ref))
-    shutil.copytree(ref, base / "data8")
-    started.append(_launch(base / "data8", corpus, *CASES["data8"]))
-    c.train.stop_at_step = 0
-    train.train_and_evaluate(c, str(ref))
-    for procs in started:
+        started.append(_launch(base / name, corpus, stub, processes, devices, mesh))
+    _wait(ref)
+    # The reference cut back to step STOP is a run stopped there; it continues on 2 x 4.
+    shutil.copytree(base / "ref", base / "data8", ignore=shutil.ignore_patterns("log*"))
+    for step in range(STOP + 1, STEPS + 1):
+      shutil.rmtree(base / "data8" / "checkpoints" / str(step))
+    started.append(_launch(base / "data8", corpus, stub, *CASES["data8"]))
+    for procs in started[1:]:
       _wait(procs)
   finally:
     for procs in started:
@@ -150,11 +155,15 @@ def runs(tmp_path_factory):
   return base
 
 
+def _max_rel(got, expected, steps):
+  return max(abs(got[s] / expected[s] - 1) for s in steps)
+
+
 @pytest.mark.parametrize("name", ["model2", "model4", "fsdp4"])
 def test_two_processes_equal_one(runs, name):
   expected, got = _losses(runs / "ref"), _losses(runs / name)
-  assert sorted(got) == list(range(1, STEPS + 1))
-  print(name, "max relative loss difference", max(abs(got[s] / expected[s] - 1) for s in got))
+  assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+  print(name, "max relative loss difference", _max_rel(got, expected, got))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-5)
   _assert_same_params(_params(runs / name), _params(runs / "ref"))
 
@@ -162,9 +171,10 @@ def test_two_processes_equal_one(runs, name):
 def test_stopped_on_one_process_resumes_on_two(runs):
   # data=8: the 1 x 8 run stopped at step STOP continues on 2 processes x 4 devices exactly as on 1 x 8.
   expected, got = _losses(runs / "ref"), _losses(runs / "data8")
-  assert sorted(got) == list(range(1, STEPS + 1))
-  print("data8 (resumed) max relative loss difference",
-        max(abs(got[s] / expected[s] - 1) for s in range(STOP + 1, STEPS + 1)))
-  np.testing.assert_allclose([got[s] for s in range(STOP + 1, STEPS + 1)],
-                             [expected[s] for s in range(STOP + 1, STEPS + 1)], rtol=1e-5)
+  assert sorted(got) == list(range(1, STEPS + 1))  # the reference's rows after STOP were dropped, then rewritten
+  log = next((runs / "data8").glob("log0.*")).read_text()
+  assert f"resumed from {runs / 'data8' / 'checkpoints'} at step {STOP}" in log
+  steps = range(STOP + 1, STEPS + 1)
+  print("data8 (resumed) max relative loss difference", _max_rel(got, expected, steps))
+  np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=1e-5)
   _assert_same_params(_params(runs / "data8"), _params(runs / "ref"))

@@ -1,6 +1,7 @@
 """Encode texts with a converted checkpoint and save the hidden states (and attention maps).
 
   python tools/embed.py --checkpoint=/tmp/minilm --input=texts.txt --out=emb.npz [--attentions]
+  (--checkpoint and --out may be gs:// URLs)
 
 --checkpoint: a converted checkpoint (tools/import_checkpoint.py) or a fine-tuning
 workdir (its model/). --input: one text per line; empty lines are skipped and
@@ -9,6 +10,7 @@ float32 (L = the longest text, at most --max_len), plus attentions
 [N, layers, heads, L, L] with --attentions; prints a summary.
 """
 
+import io
 import os
 import sys
 
@@ -33,7 +35,9 @@ def main(argv):
   path = _CKPT.value
   if not convert.is_converted(path) and convert.is_converted(os.path.join(path, "model")):
     path = os.path.join(path, "model")
+  from spanlm import paths
   try:
+    paths.path(_OUT.value)  # an unknown URL scheme: one line, before any work
     if not convert.is_converted(path):
       raise FileNotFoundError(f"{_CKPT.value!r} is not a converted checkpoint (no {convert.META_FILE}); "
                               f"run tools/import_checkpoint.py first")
@@ -52,7 +56,10 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  np.savez(_OUT.value, **out)
+  buf = io.BytesIO()
+  np.savez(buf, **out)
+  # --out may be a gs:// URL; like np.savez, a name without .npz gets it.
+  paths.path(_OUT.value if _OUT.value.endswith(".npz") else _OUT.value + ".npz").write_bytes(buf.getvalue())
   shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.items())
   print(f"{len(texts)} texts ({report['truncated']} truncated to {_MAX_LEN.value} tokens) -> {_OUT.value}: {shapes}")
 

@@ -4,6 +4,7 @@
   python tools/import_checkpoint.py --format=hf --src=HF_DIR --out=/tmp/minilm
   # spanlm converted checkpoint (or a fine-tuning workdir's model/) -> HF layout
   python tools/import_checkpoint.py --to=hf --src=/tmp/minilm --out=/tmp/minilm_hf
+  # --src and --out may be gs:// URLs (gs://bucket/minilm)
 
 Only safetensors are read (pickled pytorch_model.bin is refused). Prints a
 summary and writes OUT/conversion.json.
@@ -24,8 +25,10 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 
 
 def check_out(path: str) -> None:
-  """A clear error for an --out that exists and is not a directory."""
-  if os.path.exists(path) and not os.path.isdir(path):
+  """A clear error for an --out that exists and is not a directory (a local path or gs:// URL)."""
+  from spanlm import paths
+  p = paths.path(path)  # an unknown URL scheme is one line here
+  if not paths.is_remote(p) and p.exists() and not p.is_dir():
     raise ValueError(f"--out={path} is a file, not a directory; give a directory (it is created if missing)")
 
 
@@ -58,8 +61,8 @@ def main(argv):
              "num_heads": cfg.num_heads, "vocab_size": cfg.vocab_size, "tokenizer_size": tok.vocab_size,
              "parameters": n, "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id,
                                               "sep": tok.sep_id, "mask": tok.mask_id}}
-  with open(os.path.join(out, "conversion.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  from spanlm import paths
+  (paths.path(out) / "conversion.json").write_text(json.dumps(summary, indent=2))
   print(f"{summary['direction']}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
         f"vocab {cfg.vocab_size} ({tok.vocab_size} in the tokenizer), {n / 1e6:.1f}M parameters -> {out}")
 

@@ -54,14 +54,39 @@ class CorpusStats:
   characters: int = 0
 
 
+def _resolve_remote(pattern: str) -> list[str]:
+  """The files a gs:// file, folder or glob names (`gs://bucket/books/*.txt`)."""
+  from spanlm import paths
+  root = paths.path(pattern)  # an unknown URL scheme is one line here
+  try:
+    if any(c in pattern for c in "*?["):
+      scheme, _, rest = pattern.partition("://")
+      bucket, _, glob_part = rest.partition("/")
+      matches = [str(m) for m in paths.path(f"{scheme}://{bucket}").glob(glob_part) if not m.is_dir()]
+    elif root.is_dir():
+      matches = [str(m) for m in root.iterdir() if str(m).endswith(TEXT_SUFFIXES) and not m.is_dir()]
+    else:
+      matches = [pattern] if root.exists() else []
+  except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise their own types)
+    raise paths.access_error(pattern, e) from e
+  if not matches:
+    raise FileNotFoundError(f"No files match {pattern!r} (for a gs:// folder, its .txt/.txt.gz files).")
+  return matches
+
+
 def resolve_files(pattern_or_list: str | Sequence[str]) -> list[str]:
-  """Expands files, folders (their .txt/.txt.gz files), globs, comma-separated or a list, to sorted files."""
+  """Expands files, folders (their .txt/.txt.gz files), globs, comma-separated or a list, to sorted files.
+
+  Each may be local or a gs:// URL (`gs://bucket/books/*.txt`)."""
   patterns = pattern_or_list.split(",") if isinstance(pattern_or_list, str) else list(pattern_or_list)
-  patterns = [os.path.expanduser(p.strip()) for p in patterns if p.strip()]
+  patterns = [p.strip() if "://" in p else os.path.expanduser(p.strip()) for p in patterns if p.strip()]
   if not patterns:
     raise FileNotFoundError(f"No corpus files given (pattern {pattern_or_list!r} is empty).")
   files = set()
   for pattern in patterns:
+    if "://" in pattern:
+      files.update(_resolve_remote(pattern))
+      continue
     if os.path.isdir(pattern):
       matches = [f for f in glob.glob(os.path.join(pattern, "*")) if f.endswith(TEXT_SUFFIXES) and os.path.isfile(f)]
       if not matches:
@@ -92,9 +117,16 @@ def split_paragraphs(text: str) -> list[str]:
 
 
 def read_text(path: str) -> str:
-  """Reads a .txt or .txt.gz file as UTF-8, raising CorpusError for unusable files."""
-  with open(path, "rb") as f:
-    raw = f.read()
+  """Reads a .txt or .txt.gz file (local or gs://) as UTF-8, raising CorpusError for unusable files."""
+  if "://" in path:
+    from spanlm import paths
+    try:
+      raw = paths.path(path).read_bytes()
+    except Exception as e:  # noqa: BLE001
+      raise paths.access_error(path, e) from e
+  else:
+    with open(path, "rb") as f:
+      raw = f.read()
   if path.endswith(".gz"):
     try:
       raw = gzip.decompress(raw)

@@ -422,6 +422,9 @@ def _fingerprint(*parts) -> str:
 
 
 def _file_key(path: str) -> list:
+  if paths.is_remote(path):  # a gs:// text file: its URL, size and modification time
+    st = paths.path(path).stat()
+    return [path, st.length, st.mtime]
   st = os.stat(path)
   return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
@@ -460,10 +463,6 @@ def ensure_prepared(corpus: str, workdir, seq_len: int, tokenizer: str = "",
           f"Tokenizer {tokenizer!r} differs from the one {corpus!r} was prepared with "
           f"({meta['tokenizer']}); leave the tokenizer unset to use the dataset's own.")
     return corpus
-  if corpus and paths.is_remote(corpus):
-    raise FileNotFoundError(f"{corpus!r} is not a prepared spanlm dataset ({META_FILE} missing); raw text "
-                            f"must be local (or a gcsfuse mount): prepare it with tools/prepare_corpus.py "
-                            f"and give the prepared folder, which may be on gs://")
   files = corpus_lib.resolve_files(corpus) if corpus else sample.corpus_files()
   tokenizer = local_file(tokenizer) if tokenizer else ("" if corpus else sample.tokenizer_path())
   if tokenizer and not os.path.isfile(tokenizer):
