@@ -584,6 +584,9 @@ def _corrupt(
     draw = jax.random.randint(random_rng, (input_ids.size,), 0, jnp.maximum(cum[-1], 1))
     where = jnp.searchsorted(cum, draw, side="right")  # the draw-th text token of the batch
     random_ids = input_ids.ravel()[jnp.minimum(where, input_ids.size - 1)].reshape(input_ids.shape)
+    # A batch with no text token (only reserved ids, e.g. a lone [MASK]) has no stream to draw
+    # from: its "random" replacements keep the token instead of picking up a [PAD].
+    random_ids = jnp.where(cum[-1] > 0, random_ids, input_ids)
   corrupted = jnp.where(
       u < mask_prob,
       jnp.asarray(mask_id, input_ids.dtype),
