@@ -151,7 +151,7 @@ def main():
       opt.step()
       sched.step()
       opt.zero_grad(set_to_none=True)
-      losses.append(float(out.loss))
+      losses.append(float(out.loss.detach()))
       walls.append(time.perf_counter() - t0)
       cpus.append(time.process_time() - c0)
       lengths.append(int(enc["input_ids"].shape[1]))
