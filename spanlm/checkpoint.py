@@ -25,6 +25,7 @@ Paths are `etils.epath` (workdir.path), so the workdir may be gs://.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import time
@@ -72,9 +73,10 @@ def _is_data_loss(e: BaseException) -> bool:
   return str(e).startswith(("DATA_LOSS", "OUT_OF_RANGE"))
 
 
+@functools.cache
 def _no_replica_parallel_on_cpu():
-  """On CPU, each replicated array is written from one replica. Orbax's default splits it across
-  the replicas, which compiles a slice per (device, shape): ~100 compiles, ~25 s of CPU for a tiny
+  """Once per process: on CPU, each replicated array is written from one replica. Orbax's default
+  splits it across the replicas, which compiles a slice per (device, shape): ~100 compiles, ~25 s of CPU for a tiny
   model on 8 fake devices, and nothing gained where every "device" shares one host's memory."""
   if jax.default_backend() == "cpu":
     from orbax.checkpoint._src.metadata import array_metadata_store
