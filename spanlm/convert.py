@@ -195,11 +195,13 @@ def _local_files(folder) -> str:
 
 
 def is_converted(path) -> bool:
+  paths.check_bucket(path)  # an absent bucket is an error, not "no checkpoint there"
   return _guarded(path, (paths.path(path) / META_FILE).exists)
 
 
 def save_converted(out_dir, cfg: BertConfig, params: dict, tokenizer) -> str:
   """Write a converted checkpoint (overwriting one at `out_dir`, a folder or a gs:// URL)."""
+  paths.check_bucket(out_dir)
   out = paths.path(out_dir)
   _guarded(out_dir, lambda: out.mkdir(parents=True, exist_ok=True))
   tok_file = os.path.basename(tokenizer.path)
@@ -227,6 +229,7 @@ def load_converted(path: str, tokenizer: str | None = None):
   """
   from spanlm.data import wordpiece
 
+  paths.check_bucket(path)
   meta = json.loads(_guarded(path, (paths.path(path) / META_FILE).read_text))
   if meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}/{META_FILE} has format_version {meta.get('format_version')}, expected "
@@ -247,6 +250,8 @@ def import_hf(src: str, out_dir: str) -> str:
 
   from spanlm.data import wordpiece
 
+  paths.check_bucket(src)  # both ends reachable before any work
+  paths.check_bucket(out_dir)
   src = _local_files(src)  # a gs:// source is fetched (its files: config, vocabulary, weights)
   for name in ("config.json", "vocab.txt"):
     if not os.path.isfile(os.path.join(src, name)):
@@ -278,6 +283,8 @@ def export_hf(src: str, out_dir: str) -> str:
 
   from safetensors.numpy import save
 
+  paths.check_bucket(src)  # both ends reachable before any work
+  paths.check_bucket(out_dir)
   cfg, params, tok = load_converted(src)
   out = paths.path(out_dir)  # a folder or a gs:// URL
   _guarded(out_dir, lambda: out.mkdir(parents=True, exist_ok=True))

@@ -45,6 +45,43 @@ def access_error(url, e: BaseException) -> ValueError:
       f"storage access)" + (f"; STORAGE_EMULATOR_HOST={emulator} is set" if emulator else ""))
 
 
+_REACHABLE: set[str] = set()
+
+
+def check_bucket(url) -> None:
+  """For a gs:// URL, check once per process that its bucket exists and answers with the credentials
+  at hand; otherwise raise `access_error` (one line naming the URL and what to set). Local paths
+  pass. Entry points call it so a bad bucket is not a traceback deep inside gcsfs or TensorStore."""
+  if not is_remote(url):
+    return
+  s = str(url) if isinstance(url, epath.Path) else os.fspath(url)
+  path(s)  # an unknown scheme: its own one line
+  bucket = s.split("://", 1)[1].split("/", 1)[0]
+  if not bucket:
+    raise ValueError(f"{s}: no bucket name; use gs://bucket/path")
+  if bucket in _REACHABLE:
+    return
+  try:
+    found = epath.Path(f"gs://{bucket}").exists()
+  except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise their own types)
+    raise access_error(s, e) from e
+  if not found:
+    raise access_error(s, FileNotFoundError(f"bucket {bucket} does not exist or is not visible"))
+  _REACHABLE.add(bucket)
+
+
+def write_text_atomic(p, text: str) -> None:
+  """Write a whole file so a reader never sees half of it: locally a temporary file renamed over
+  it; on gs:// one object upload (an object appears only once its upload completes)."""
+  p = path(p)
+  if is_remote(p):
+    p.write_text(text)
+    return
+  tmp = p.with_name(p.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(p)
+
+
 def copy_tree(src, dst, last: str | None = None) -> None:
   """Copy a directory tree between any two epath locations; the file named `last` goes last."""
   dst.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,13 @@ class Workdir:
   def exists(self) -> bool:
     return self._guard("readable", self.root.exists)
 
+  def is_dir(self) -> bool:
+    """True for a local folder, or a gs:// prefix that holds at least one object."""
+    return self._guard("readable", self.root.is_dir)
+
+  def has_config(self) -> bool:
+    return self._guard("readable", self.config_file.exists)
+
   def check_writable(self) -> None:
     """Create the workdir and write/delete a probe named for this process (never shared)."""
     import jax

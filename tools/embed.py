@@ -32,12 +32,13 @@ def main(argv):
 
   from spanlm import convert
 
-  path = _CKPT.value
-  if not convert.is_converted(path) and convert.is_converted(os.path.join(path, "model")):
-    path = os.path.join(path, "model")
   from spanlm import paths
+  path = _CKPT.value
   try:
-    paths.path(_OUT.value)  # an unknown URL scheme: one line, before any work
+    paths.check_bucket(path)  # a gs:// bucket that cannot be reached, or an unknown URL scheme: one line,
+    paths.check_bucket(_OUT.value)  # before any work
+    if not convert.is_converted(path) and convert.is_converted(paths.path(path) / "model"):
+      path = str(paths.path(path) / "model")  # a fine-tuning workdir: its model/
     if not convert.is_converted(path):
       raise FileNotFoundError(f"{_CKPT.value!r} is not a converted checkpoint (no {convert.META_FILE}); "
                               f"run tools/import_checkpoint.py first")

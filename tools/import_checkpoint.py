@@ -28,6 +28,7 @@ def check_out(path: str) -> None:
   """A clear error for an --out that exists and is not a directory (a local path or gs:// URL)."""
   from spanlm import paths
   p = paths.path(path)  # an unknown URL scheme is one line here
+  paths.check_bucket(path)  # so is a gs:// bucket that cannot be reached
   if not paths.is_remote(p) and p.exists() and not p.is_dir():
     raise ValueError(f"--out={path} is a file, not a directory; give a directory (it is created if missing)")
 
@@ -41,6 +42,8 @@ def main(argv):
   quiet_library_logs()  # Orbax logs ~40 INFO lines per save
 
   try:
+    from spanlm import paths
+    paths.check_bucket(_SRC.value)
     check_out(_OUT.value)
     if _TO.value == "spanlm":
       out = convert.import_hf(_SRC.value, _OUT.value)
