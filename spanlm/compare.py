@@ -21,7 +21,7 @@ from typing import Callable
 import ml_collections
 from absl import logging
 
-from spanlm import configs
+from spanlm import configs, paths
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
@@ -85,12 +85,12 @@ def finetune_config(pretrain_dir: str, glue_dir: str, steps: int, batch_size: in
   return c
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+def read_metrics(workdir) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl (local or gs://); [] if there is none."""
+  path = paths.path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_one(name: str, out_dir: str, glue_dir: str, steps: int, batch_size: int, seq_len: int,
@@ -99,8 +99,8 @@ def run_one(name: str, out_dir: str, glue_dir: str, steps: int, batch_size: int,
   """Pretrain one objective, fine-tune its encoder on SST-2; a row of the table."""
   from spanlm import finetune, train
 
-  pre_dir = os.path.join(out_dir, "pretrain", name)
-  ft_dir = os.path.join(out_dir, "sst2", name)
+  pre_dir = str(paths.path(out_dir) / "pretrain" / name)  # out_dir: a local folder or a gs:// URL
+  ft_dir = str(paths.path(out_dir) / "sst2" / name)
   row = {"objective": name, "experiment": OBJECTIVES[name].spec, "steps": steps,
          "tokens": steps * batch_size * seq_len}
   t0 = time.time()
@@ -145,7 +145,7 @@ def plot_losses(out_dir: str, names: list[str], path: str) -> None:
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for name in names:
-    hist = [r for r in read_metrics(os.path.join(out_dir, "pretrain", name)) if "train/loss" in r]
+    hist = [r for r in read_metrics(paths.path(out_dir) / "pretrain" / name) if "train/loss" in r]
     if hist:
       axes[0].plot([r["step"] for r in hist], [r["train/loss"] for r in hist], label=name)
       mlm = [r for r in hist if "train/mlm_loss" in r]
@@ -156,8 +156,11 @@ def plot_losses(out_dir: str, names: list[str], path: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  import io
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
+  paths.path(path).write_bytes(buf.getvalue())
 
 
 def compare(names: list[str], out_dir: str, glue_dir: str, **kw) -> list[dict]:
@@ -165,7 +168,9 @@ def compare(names: list[str], out_dir: str, glue_dir: str, **kw) -> list[dict]:
   if glue_dir and not os.path.isfile(os.path.join(glue_dir, "SST-2", "dev.tsv")):
     raise FileNotFoundError(f"{glue_dir}/SST-2/dev.tsv not found: --glue_dir must hold GLUE's "
                             "SST-2/{train,dev}.tsv")
-  os.makedirs(out_dir, exist_ok=True)
+  paths.check_bucket(out_dir)
+  out = paths.path(out_dir)  # a local folder or a gs:// URL
+  out.mkdir(parents=True, exist_ok=True)
   rows = []
   for name in names:
     logging.info("=== %s ===", name)
@@ -174,9 +179,7 @@ def compare(names: list[str], out_dir: str, glue_dir: str, **kw) -> list[dict]:
     except Exception as e:  # one failing objective must not lose the others' results
       logging.exception("objective %s failed", name)
       rows.append({"objective": name, "experiment": OBJECTIVES[name].spec, "error": f"{type(e).__name__}: {e}"})
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
-      json.dump(rows, f, indent=2)
-    with open(os.path.join(out_dir, "compare.md"), "w") as f:
-      f.write(markdown(rows))
-  plot_losses(out_dir, names, os.path.join(out_dir, "loss_curves.png"))
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    (out / "compare.md").write_text(markdown(rows))
+  plot_losses(out_dir, names, out / "loss_curves.png")
   return rows

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import signal
 import time
 from typing import Any
@@ -46,7 +45,6 @@ import numpy as np
 import optax
 from absl import logging
 
-from spanlm import checkpoint as ckpt_lib
 from spanlm import configs, parallel, resilience
 from spanlm.metrics import MetricsWriter, trim_metrics
 from spanlm.models.bert import BertConfig, config_for
@@ -147,20 +145,19 @@ def load_encoder(config) -> tuple[BertConfig, Any, Any]:
                      **common, **overrides)
     logging.warning("config.init_checkpoint is empty: the encoder (%s) starts from random weights", m.size)
     return cfg, None, tok
+  from spanlm import convert, paths
   from spanlm import workdir as workdir_lib
-  if workdir_lib.Workdir(path).has_checkpoints():  # a pretraining workdir, local or gs://
+  paths.check_bucket(path)  # a gs:// bucket that cannot be reached: one line
+  wd = workdir_lib.Workdir(path)
+  if wd.has_checkpoints():  # a pretraining workdir, local or gs://
     return _load_pretraining_workdir(path, config, common)
-  if not workdir_lib.is_remote(path) and not os.path.isdir(path):
+  if not wd.is_dir():
     raise FileNotFoundError(f"config.init_checkpoint={path!r} is not a directory; give a converted "
                             f"checkpoint (tools/import_checkpoint.py --out=DIR) or a pretraining workdir")
-  from spanlm import convert
-
   if convert.is_converted(path):
     cfg, params, tok = convert.load_converted(path, tokenizer=config.data.tokenizer or None)
     cfg = convert.with_overrides(cfg, **common)
     return cfg, params, tok
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return _load_pretraining_workdir(path, config, common)
   raise FileNotFoundError(f"config.init_checkpoint={path!r} holds neither spanlm_model.json (a converted "
                           f"checkpoint) nor checkpoints/ (a pretraining workdir)")
 
@@ -394,28 +391,30 @@ def config_changes(old: dict, new: dict) -> list[str]:
           if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
 
 
-def check_workdir(config, workdir: str) -> str:
-  """The absolute workdir, after refusing a file and a workdir of a different run (nothing is written)."""
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir} is a file, not a directory; give a directory (it is created "
+def check_workdir(config, workdir):
+  """The run's Workdir (local or gs://), after refusing a file and a workdir of a different run
+  (nothing is written)."""
+  from spanlm import paths
+  from spanlm.workdir import Workdir
+  paths.check_bucket(workdir)
+  wd = Workdir(workdir)
+  if wd.exists() and not wd.is_dir():
+    raise ValueError(f"--workdir={wd} is a file, not a directory; give a directory (it is created "
                      f"if missing)")
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
+  if wd.has_config():
     try:
-      with open(path) as f:
-        old = json.load(f)
+      old = json.loads(wd.config_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path} cannot be read ({e}); use a new --workdir") from None
+      raise ValueError(f"{wd.config_file} cannot be read ({e}); use a new --workdir") from None
     changes = config_changes(old, json.loads(config.to_json_best_effort()))
     if changes:
       shown = "; ".join(changes[:8]) + (f"; ... ({len(changes)} fields)" if len(changes) > 8 else "")
-      raise ValueError(f"--workdir={workdir} holds a run with a different config ({shown}). Rerun with "
+      raise ValueError(f"--workdir={wd} holds a run with a different config ({shown}). Rerun with "
                        f"the same config to continue it, or use a new --workdir; nothing was changed")
-  elif os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise ValueError(f"--workdir={workdir} has checkpoints/ but no config.json, so it is not a fine-tuning "
+  elif wd.has_checkpoints():
+    raise ValueError(f"--workdir={wd} has checkpoints/ but no config.json, so it is not a fine-tuning "
                      f"run this command can continue; use a new --workdir")
-  return workdir
+  return wd
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -433,8 +432,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_count() > 1:
     raise NotImplementedError("fine-tuning runs on one process (any number of local devices); "
                               "multi-host fine-tuning is not implemented")
-  workdir = check_workdir(config, workdir)
-  results_path = os.path.join(workdir, "results.json")
+  wd = check_workdir(config, workdir)
+  results_path = wd.root / "results.json"
   task = get_task(config.task.name, config)
   encoder_cfg, pretrained, tokenizer = load_encoder(config)
   seq_len = config.train.seq_len
@@ -449,20 +448,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_steps = min(num_steps, config.finetune.max_steps) if config.finetune.num_epochs > 0 \
         else config.finetune.max_steps
   tuner = Finetuner(config, task, encoder_cfg, train_data.arrays, num_steps)
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=1, async_save=False)
+  wd.check_writable()  # creates it; an unwritable folder or bucket is one line, before any training
+  checkpointer = wd.checkpointer(max_to_keep=1, async_save=False)
   restored = checkpointer.restore_latest({"train": tuner.abstract_state, "best": tuner.abstract_state.params})
   start, best, best_step, best_params = 0, None, 0, None
   if restored is not None:
     start, tree, meta = restored
     state, best_params = tree["train"], tree["best"]
     best, best_step = meta.get("best"), int(meta.get("best_step", 0))
-    if start >= num_steps and os.path.exists(results_path):
+    if start >= num_steps and results_path.exists():
       checkpointer.close()
-      with open(results_path) as f:
-        out = json.load(f)
+      out = json.loads(results_path.read_text())
       logging.info("run is complete: %d of %d steps done in %s, results in %s (use a new --workdir to "
-                   "train again)", start, num_steps, workdir, results_path)
+                   "train again)", start, num_steps, wd, results_path)
       return {**out, "complete": True}
     logging.info("resumed from %s at step %d of %d", checkpointer.directory, start, num_steps)
   else:
@@ -480,13 +478,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "mesh %s", task.name, n_params / 1e6, len(train_data), num_steps, steps_per_epoch, b,
                seq_len, f", {tuner.accum} micro-batches" if tuner.accum > 1 else "",
                f", length buckets {tuner.buckets}" if len(tuner.buckets) > 1 else "", dict(tuner.mesh.shape))
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  trim_metrics(workdir, start)
+  wd.config_file.write_text(config.to_json_best_effort(indent=2))
+  trim_metrics(wd.root, start)
 
   t = config.train
   last = min(t.stop_at_step, num_steps) if t.stop_at_step else num_steps
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(wd.root)
   eval_points = {int(round(steps_per_epoch * (i + 1) / config.finetune.evals_per_epoch))
                  for i in range(config.finetune.evals_per_epoch)}
   history, tick, tick_step, step, preempted = [], time.time(), start, start, False
@@ -546,20 +543,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if best_params is None or eval_data is None:  # no dev split: the final params
     best_params, best_step = state.params, num_steps
   from spanlm import convert
-  convert.save_converted(os.path.join(workdir, "model"), encoder_cfg, jax.device_get(best_params["encoder"]),
-                         tokenizer)
+  convert.save_converted(wd.root / "model", encoder_cfg, jax.device_get(best_params["encoder"]), tokenizer)
   out = {"task": task.name, "steps": num_steps, "best_step": best_step}
   if best is not None:
     out.update({f"best/{k}": v for k, v in best.items()})
   out["prediction_files"] = []
   for split in task.predict_splits():
-    out["prediction_files"] += _predict(tuner, task, best_params, tokenizer, seq_len, workdir, split, best)
+    out["prediction_files"] += _predict(tuner, task, best_params, tokenizer, seq_len, wd.root, split, best)
   out["complete"] = True
-  tmp = results_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(out, f, indent=2)
-  os.replace(tmp, results_path)
-  logging.info("done: best %s at step %d; results in %s", best, best_step, workdir)
+  from spanlm import paths
+  paths.write_text_atomic(results_path, json.dumps(out, indent=2))  # last: marks the run complete
+  logging.info("done: best %s at step %d; results in %s", best, best_step, wd)
   return out
 
 
@@ -587,8 +581,7 @@ def _predict(tuner, task, params, tokenizer, seq_len, workdir, split, best) -> l
   features.log_report(f"{task.name}/{split}")
   params = jax.device_put(params, tuner.param_shardings)
   predictions = task.predict(tuner.outputs(params, features, name=f"{task.name}/{split}"), features)
-  paths = task.write_predictions(predictions, features, os.path.join(workdir, task.prediction_dir(split)),
-                                 best or {})
-  for p in paths:
+  written = task.write_predictions(predictions, features, str(workdir / task.prediction_dir(split)), best or {})
+  for p in written:
     logging.info("wrote %s predictions to %s", split, p)
-  return paths
+  return written

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 
 import numpy as np
 
@@ -149,14 +148,15 @@ def write_report(result: dict, probs: np.ndarray, special, lengths, out_dir: str
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  os.makedirs(out_dir, exist_ok=True)
+  from spanlm import paths
+  out = paths.path(out_dir)  # a local folder or a gs:// URL
+  out.mkdir(parents=True, exist_ok=True)
   labels = result["labels"]
   num_layers, num_heads = len(labels), len(labels[0])
   totals = collections.Counter(l for row in labels for l in row)
   summary = {"title": title, "thresholds": THRESHOLDS, "patterns": PATTERNS,
              "share": {p: totals[p] / (num_layers * num_heads) for p in PATTERNS}, **result}
-  with open(os.path.join(out_dir, "heads.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  (out / "heads.json").write_text(json.dumps(summary, indent=1))
   short = {"vertical": "V", "diagonal": "D", "vertical+diagonal": "V+D", "block": "B", "heterogeneous": "H"}
   lines = [f"# Attention patterns{': ' + title if title else ''}", "",
            "V vertical, D diagonal, V+D vertical+diagonal, B block, H heterogeneous "
@@ -165,8 +165,7 @@ def write_report(result: dict, probs: np.ndarray, special, lengths, out_dir: str
            "|---|" + "---|" * num_heads]
   lines += [f"| {l} | " + " | ".join(short[x] for x in row) + " |" for l, row in enumerate(labels)]
   lines += ["", "Share of heads: " + ", ".join(f"{p} {summary['share'][p]:.0%}" for p in PATTERNS)]
-  with open(os.path.join(out_dir, "heads.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  (out / "heads.md").write_text("\n".join(lines) + "\n")
   n = int(lengths[0])
   fig, axes = plt.subplots(num_layers, num_heads, figsize=(1.6 * num_heads, 1.6 * num_layers), squeeze=False)
   for l in range(num_layers):
@@ -177,9 +176,23 @@ def write_report(result: dict, probs: np.ndarray, special, lengths, out_dir: str
       ax.set_xticks([]), ax.set_yticks([])
   fig.suptitle(title or "attention maps (example 0)", fontsize=9)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "attention_maps.png"), dpi=90)
-  plt.close(fig)
+  _save_figure(fig, out / "attention_maps.png")
   return summary
+
+
+def _save_figure(fig, path) -> None:
+  """A matplotlib figure as a PNG at `path` (local or gs://: rendered in memory, written through epath)."""
+  import io
+
+  import matplotlib.pyplot as plt
+
+  from spanlm import paths
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90)
+  plt.close(fig)
+  out = paths.path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(buf.getvalue())
 
 
 # --- head ablation (Michel et al. 2019, "Are Sixteen Heads Really Better than One?") -------------
@@ -235,5 +248,4 @@ def plot_ablation(result: dict, metric: str, path: str, title: str = "") -> None
   fig.colorbar(im, ax=ax, label=f"{metric} change (base {result['base']:.4f})")
   ax.set_title(title or f"{metric} change with one head disabled", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _save_figure(fig, path)

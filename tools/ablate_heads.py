@@ -43,15 +43,19 @@ def uniform_head(encoder_params: dict, layer: int, head: int) -> dict:
   return out
 
 
-def load_run(workdir: str, max_eval_examples: int = 0):
-  """(config, task, encoder config, tokenizer, best params, checkpoint step) of a fine-tuning workdir."""
-  from spanlm import checkpoint, convert, finetune
+def load_run(workdir, max_eval_examples: int = 0):
+  """(Workdir, config, task, encoder config, tokenizer) of a finished fine-tuning workdir (local or gs://)."""
+  from spanlm import convert, finetune, paths
   from spanlm.tasks import get_task
+  from spanlm.workdir import Workdir
 
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
+  paths.check_bucket(workdir)
+  wd = Workdir(workdir)
+  if not wd.has_config():
+    raise ValueError(f"{wd} has no config.json; give the --workdir of a fine-tuning run")
+  saved = json.loads(wd.config_file.read_text())
   if "task" not in saved:
-    raise ValueError(f"{workdir} is not a fine-tuning workdir (its config.json has no 'task')")
+    raise ValueError(f"{wd} is not a fine-tuning workdir (its config.json has no 'task')")
   config = finetune.finetune_config(saved["task"]["name"])
   for group, values in saved.items():
     if isinstance(values, dict) and group in config:
@@ -61,14 +65,21 @@ def load_run(workdir: str, max_eval_examples: int = 0):
   if max_eval_examples:
     config.task.max_eval_examples = max_eval_examples
   task = get_task(config.task.name, config)
-  encoder_cfg, _, tokenizer = convert.load_converted(os.path.join(workdir, "model"))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) if os.path.isdir(ckpt_dir) else []
-  if not steps or not os.path.isdir(os.path.join(workdir, "model")):
-    raise ValueError(f"{workdir} holds no finished fine-tuning run (checkpoints/ and model/); rerun its command")
-  raw, _ = checkpoint.read_raw(os.path.join(ckpt_dir, str(steps[-1])))
-  params = raw["best"] if "best" in raw else raw  # {'train': TrainState, 'best': params}
-  return config, task, encoder_cfg, tokenizer, params, steps[-1]
+  model = wd.root / "model"
+  if not wd.has_checkpoints() or not convert.is_converted(model):
+    raise ValueError(f"{wd} holds no finished fine-tuning run (checkpoints/ and model/); rerun its command")
+  encoder_cfg, _, tokenizer = convert.load_converted(str(model))
+  return wd, config, task, encoder_cfg, tokenizer
+
+
+def best_params(wd, tuner):
+  """(step, the best params as NumPy) of the newest intact checkpoint, restored through the Workdir's
+  Checkpointer into the fine-tuning state's layout (its checksum verified; a corrupt one falls back)."""
+  import jax
+
+  abstract = tuner.abstract_state
+  step, tree, _ = wd.latest({"train": abstract, "best": abstract.params})
+  return step, jax.device_get(tree["best"])
 
 
 def main(argv=None):
@@ -82,18 +93,19 @@ def main(argv=None):
 
   import numpy as np
 
-  from spanlm import finetune, heads_analysis
+  from spanlm import finetune, heads_analysis, paths
 
-  workdir = os.path.abspath(args.workdir)
-  out_dir = args.out or os.path.join(workdir, "head_ablation")
   try:
-    config, task, encoder_cfg, tokenizer, params, step = load_run(workdir, args.max_eval_examples)
+    paths.check_bucket(args.out or args.workdir)
+    wd, config, task, encoder_cfg, tokenizer = load_run(args.workdir, args.max_eval_examples)
+    out_dir = paths.path(args.out) if args.out else wd.root / "head_ablation"  # local or gs://
     eval_data = finetune._cap(task.load(config.task.eval_split, tokenizer, config.train.seq_len),
                               config.task.max_eval_examples)
+    tuner = finetune.Finetuner(config, task, encoder_cfg, eval_data.arrays, num_steps=1)
+    step, params = best_params(wd, tuner)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  tuner = finetune.Finetuner(config, task, encoder_cfg, eval_data.arrays, num_steps=1)
   start = time.time()
   score = lambda p: finetune.evaluate(tuner, p, eval_data)[task.metric]
   if args.mode == "zero":
@@ -110,10 +122,9 @@ def main(argv=None):
   best = np.unravel_index(np.argmax(delta), delta.shape)
   summary = {"task": task.name, "metric": task.metric, "mode": args.mode, "eval_split": config.task.eval_split,
              "eval_examples": len(eval_data), "checkpoint_step": step, "seconds": time.time() - start, **result}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"ablation_{args.mode}.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  heads_analysis.plot_ablation(result, task.metric, os.path.join(out_dir, f"ablation_{args.mode}.png"),
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / f"ablation_{args.mode}.json").write_text(json.dumps(summary, indent=1))
+  heads_analysis.plot_ablation(result, task.metric, out_dir / f"ablation_{args.mode}.png",
                                f"{task.name} {config.task.eval_split} ({len(eval_data)} rows): "
                                f"{task.metric} change per head ({args.mode})")
   print(f"{task.name}: {task.metric} {result['base']:.4f} with all heads; one head {args.mode}: "

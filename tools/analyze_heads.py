@@ -13,45 +13,33 @@ spanlm/heads_analysis.py (rule-based features, not the paper's CNN).
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import sys
 import tempfile
 
 
 def load_encoder(path: str):
-  """(BertConfig, encoder params, tokenizer) from any of the three checkpoint kinds."""
-  import numpy as np
-
-  from spanlm import checkpoint, convert
+  """(BertConfig, encoder params, tokenizer) from any of the three checkpoint kinds (local or gs://)."""
+  from spanlm import convert, paths
+  from spanlm import workdir as workdir_lib
   from spanlm.data import wordpiece
 
+  paths.check_bucket(path)  # a gs:// bucket that cannot be reached: one line
   if convert.is_converted(path):
     return convert.load_converted(path)
-  if os.path.isfile(os.path.join(path, "model.safetensors")):
+  if (paths.path(path) / "model.safetensors").exists():
     with tempfile.TemporaryDirectory() as tmp:
       return convert.load_converted(convert.import_hf(path, os.path.join(tmp, "converted")))
-  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
-    import ml_collections
-
+  wd = workdir_lib.Workdir(path)
+  if wd.has_config() and wd.has_checkpoints():
     from spanlm import configs
     from spanlm.objectives import base as pretraining
-    with open(os.path.join(path, "config.json")) as f:
-      config = configs.base_config()
-      config.unlock()
-      config.update_from_flattened_dict(_flatten(json.load(f)))  # keys this version knows
-    tokenizers = glob.glob(os.path.join(path, "data", "*", "*.model"))
-    if not tokenizers:
-      raise FileNotFoundError(f"no tokenizer (*.model) under {path}/data; is this a spanlm workdir?")
-    tok = wordpiece.load_tokenizer(tokenizers[0])
-    steps = sorted(int(s) for s in os.listdir(os.path.join(path, "checkpoints")) if s.isdigit())
-    if not steps:
-      raise ValueError(f"no checkpoints in {path}/checkpoints")
-    state, _ = checkpoint.read_raw(os.path.join(path, "checkpoints", str(steps[-1])))
-    cfg = pretraining.encoder_config(config, tok.vocab_size)
-    del ml_collections, np
-    return cfg, state["params"]["encoder"], tok
+    saved, tok_path, _, params = workdir_lib.load_pretrained(path)  # digest-checked, with fallback
+    config = configs.base_config()
+    config.unlock()
+    config.update_from_flattened_dict(_flatten(saved.to_dict()))  # keys this version knows
+    tok = wordpiece.load_tokenizer(tok_path)
+    return pretraining.encoder_config(config, tok.vocab_size), params["encoder"], tok
   raise ValueError(f"{path!r} is neither an HF BERT directory, a converted checkpoint nor a spanlm workdir")
 
 
@@ -75,9 +63,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   from spanlm import heads_analysis as ha
+  from spanlm import paths
   from spanlm.data import corpus, sample
 
   try:
+    paths.check_bucket(args.out)
     cfg, params, tok = load_encoder(args.checkpoint)
     files = corpus.resolve_files(args.text) if args.text else sample.corpus_files()
     texts = [p for doc in corpus.read_documents(files) for p in doc.paragraphs]
@@ -89,8 +79,7 @@ def main(argv=None):
   result = ha.classify_heads(probs, special, seg, lengths)
   title = f"{os.path.basename(os.path.normpath(args.checkpoint))}, {len(ids)} sentence pairs"
   summary = ha.write_report(result, probs, special, lengths, args.out, title)
-  with open(os.path.join(args.out, "heads.md")) as f:
-    print(f.read())
+  print((paths.path(args.out) / "heads.md").read_text())
   print(f"wrote {args.out}/heads.json, heads.md, attention_maps.png "
         f"({cfg.num_layers} layers x {cfg.num_heads} heads; share: "
         + ", ".join(f"{p} {v:.0%}" for p, v in summary["share"].items()) + ")")

@@ -16,6 +16,7 @@ file is an error unless --partial is given (the server rejects incomplete submis
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import zipfile
@@ -31,10 +32,10 @@ LABELS = {"CoLA": _BINARY, "SST-2": _BINARY, "MRPC": _BINARY, "QQP": _BINARY, "W
 
 
 def check_file(path: str, stem: str) -> tuple[int, list[str]]:
-  """(rows, problems) of one prediction file."""
+  """(rows, problems) of one prediction file (local or gs://)."""
+  from spanlm import paths
   problems = []
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  lines = paths.path(path).read_text(encoding="utf-8").splitlines()
   if not lines or lines[0] != "index\tprediction":
     return 0, [f"{path}: the first line must be 'index<TAB>prediction'"]
   ids = set()
@@ -67,20 +68,24 @@ def check_file(path: str, stem: str) -> tuple[int, list[str]]:
 
 
 def collect(workdirs: list[str]) -> dict[str, str]:
-  """{stem: path} over the workdirs' predictions_test/ folders; a stem found twice is an error."""
+  """{stem: path} over the workdirs' predictions_test/ folders (local or gs://); a stem found twice is
+  an error."""
+  from spanlm import paths
   found = {}
   for workdir in workdirs:
-    folder = os.path.join(workdir, "predictions_test")
-    if not os.path.isdir(folder):
+    paths.check_bucket(workdir)
+    folder = paths.path(workdir) / "predictions_test"
+    if not folder.is_dir():
       raise ValueError(f"{workdir} has no predictions_test/ folder; is it a finished GLUE fine-tuning run "
                        f"with config.task.predict_split=test?")
-    for name in sorted(os.listdir(folder)):
-      stem, ext = os.path.splitext(name)
+    for child in sorted(folder.iterdir(), key=lambda p: p.name):
+      stem, ext = os.path.splitext(child.name)
       if ext != ".tsv" or stem not in TEST_ROWS:
         continue
       if stem in found:
-        raise ValueError(f"{stem}.tsv is in both {os.path.dirname(found[stem])} and {folder}; pass one run per task")
-      found[stem] = os.path.join(folder, name)
+        raise ValueError(f"{stem}.tsv is in both {paths.path(found[stem]).parent} and {folder}; pass one run "
+                         f"per task")
+      found[stem] = str(child)
   return found
 
 
@@ -90,7 +95,9 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="submission.zip", help="the zip to write")
   parser.add_argument("--partial", action="store_true", help="write the zip even if files are missing")
   args = parser.parse_args(argv)
+  from spanlm import paths
   try:
+    paths.check_bucket(args.out)
     found = collect(args.workdirs)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -107,13 +114,16 @@ def main(argv=None) -> int:
     print(f"error: missing {', '.join(f'{s}.tsv' for s in missing)} (MNLI-mm.tsv and AX.tsv come from the "
           f"MNLI run); fine-tune those tasks, or pass --partial to zip what there is", file=sys.stderr)
     return 2
-  with zipfile.ZipFile(args.out, "w", zipfile.ZIP_DEFLATED) as z:
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
     for stem, path in sorted(found.items()):
-      z.write(path, arcname=f"{stem}.tsv")  # flat: the server reads the files at the zip's root
+      z.writestr(f"{stem}.tsv", paths.path(path).read_bytes())  # flat: the server reads them at the zip's root
+  paths.path(args.out).write_bytes(buf.getvalue())  # --out: a local file or a gs:// URL
   print(f"wrote {args.out}: {len(found)} files ({', '.join(f'{s} {counts[s]}' for s in sorted(found))})"
         + (f"; missing {', '.join(missing)}" if missing else ""))
   return 0
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   sys.exit(main())

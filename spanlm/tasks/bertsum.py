@@ -445,11 +445,14 @@ class BertSumTask(Task):
     return out
 
   def write_predictions(self, predictions, features, path_prefix: str, best=None) -> list[str]:
-    path = f"{path_prefix}_summaries.jsonl"
-    with open(path, "w") as f:
-      for p, m in zip(predictions, features.meta):
-        f.write(json.dumps({**p, "reference": m["reference"]}) + "\n")  # summary/reference: sentence lists
-    return [path]
+    from spanlm import paths
+    prefix = paths.path(path_prefix)  # a local path or a gs:// URL
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    out = prefix.parent / f"{prefix.name}_summaries.jsonl"
+    # summary/reference: sentence lists
+    out.write_text("".join(json.dumps({**p, "reference": m["reference"]}) + "\n"
+                           for p, m in zip(predictions, features.meta)))
+    return [str(out)]
 
   def optimizer(self, config, num_steps: int):
     if not self.hp["separate_optimizers"]:

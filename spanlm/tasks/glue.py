@@ -309,14 +309,16 @@ class GlueTask(Task):
     return glue_metrics(self.spec, predictions, features.arrays["labels"])
 
   def write_predictions(self, predictions, features, path_prefix, best=None):
-    os.makedirs(path_prefix, exist_ok=True)
-    path = os.path.join(path_prefix, f"{self.submission_stem(features.meta['split'])}.tsv")
-    with open(path, "w") as f:
-      f.write("index\tprediction\n")
-      for index, p in zip(features.meta["index"], predictions):
-        value = f"{float(np.clip(p, 0.0, 5.0)):.3f}" if self.spec.regression else self.spec.labels[int(p)]
-        f.write(f"{index}\t{value}\n")
-    return [path]
+    from spanlm import paths
+    folder = paths.path(path_prefix)  # a local folder or a gs:// URL
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["index\tprediction"]
+    for index, p in zip(features.meta["index"], predictions):
+      value = f"{float(np.clip(p, 0.0, 5.0)):.3f}" if self.spec.regression else self.spec.labels[int(p)]
+      lines.append(f"{index}\t{value}")
+    out = folder / f"{self.submission_stem(features.meta['split'])}.tsv"
+    out.write_text("\n".join(lines) + "\n")
+    return [str(out)]
 
 
 def make_task(key: str, config) -> GlueTask:

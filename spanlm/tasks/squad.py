@@ -590,12 +590,15 @@ class SquadTask(Task):
              "_gold": dataset}
     if self.v2:
       files["_null_odds"] = {q: d["null_odds"] for q, d in predictions.items()}
-    paths = []
+    from spanlm import paths
+    prefix = paths.path(path_prefix)  # a local path or a gs:// URL
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    written = []
     for suffix, obj in files.items():
-      paths.append(f"{path_prefix}{suffix}.json")
-      with open(paths[-1], "w") as f:
-        json.dump(obj, f)
-    return paths
+      out = prefix.parent / f"{prefix.name}{suffix}.json"
+      out.write_text(json.dumps(obj))
+      written.append(str(out))
+    return written
 
 
 def _restrict(dataset: dict, qids: set[str]) -> dict:
