@@ -129,6 +129,58 @@ def test_gs_workdir_survives_sigkill_and_matches_local(gcs, cli_env, tmp_path, c
     assert not os.path.exists(os.path.join(folder, "gs:")), folder
 
 
+def _toy_sst(root):
+  """A toy SST-2 (the label word is in the sentence) and a 16-word vocabulary, written to `root`."""
+  import numpy as np
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "the", "was", "very", "a",
+           "plot", "acting", "fine", "##s"]
+  rng = np.random.default_rng(0)
+  (root / "SST-2").mkdir(parents=True)
+  for split, n in (("train", 32), ("dev", 16), ("test", 6)):
+    lines = ["index\tsentence" if split == "test" else "sentence\tlabel"]
+    for i in range(n):
+      y = int(rng.integers(2))
+      words = list(rng.choice(vocab[7:14], size=int(rng.integers(2, 8)))) + ["good" if y else "bad"]
+      lines.append(f"{i}\t{' '.join(words)}" if split == "test" else f"{' '.join(words)}\t{y}")
+    (root / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+  (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+
+
+@pytest.mark.slow  # ~20 s: a 2-step fine-tune whose checkpoints, model/ and outputs go to the server
+def test_finetune_into_a_gs_workdir(gcs, tmp_path, monkeypatch):
+  from etils import epath
+
+  from spanlm import convert, finetune
+  _toy_sst(tmp_path)
+  monkeypatch.chdir(tmp_path)  # a URL taken for a relative path would land in ./gs:
+  c = finetune.finetune_config()
+  c.task.name, c.task.data_dir, c.data.tokenizer = "sst2", str(tmp_path / "SST-2"), str(tmp_path / "vocab.txt")
+  c.model.size = "tiny"
+  c.model.num_layers, c.model.hidden_size, c.model.num_heads, c.model.intermediate_size = 1, 32, 2, 64
+  c.train.seq_len, c.train.batch_size, c.train.log_every = 16, 16, 1
+  c.finetune.num_epochs, c.finetune.eval_batch_size = 1, 16
+  # SGD without momentum: no optimizer state, so the checkpoint (one zarr store per array on the
+  # emulator) holds half the arrays Adam's would.
+  c.optimizer.name, c.optimizer.momentum, c.optimizer.learning_rate = "sgd", 0.0, 0.1
+  run = "gs://bucket/ft"
+  out = finetune.run(c, run)
+  assert out["complete"] and out["steps"] == 2
+  root = epath.Path(run)
+  results = json.loads((root / "results.json").read_text())
+  assert results["steps"] == 2 and "best/accuracy" in results
+  assert json.loads((root / "config.json").read_text())["task"]["name"] == "sst2"
+  assert (root / "checkpoints" / "2" / "commit_success.txt").exists()
+  assert [json.loads(r)["step"] for r in (root / "metrics.jsonl").read_text().splitlines()][:2] == [1, 2]
+  assert results["prediction_files"] == [f"{run}/predictions_test/SST-2.tsv"]
+  rows = (root / "predictions_test" / "SST-2.tsv").read_text().splitlines()
+  assert rows[0] == "index\tprediction" and len(rows) == 7
+  assert convert.is_converted(f"{run}/model")
+  cfg, params, _ = convert.load_converted(f"{run}/model")  # the best encoder, readable from the bucket
+  assert cfg.num_layers == 1 and params["embeddings"]["word_embeddings"].shape == (16, 32)
+  for folder in (ROOT, str(tmp_path), os.getcwd()):
+    assert not os.path.exists(os.path.join(folder, "gs:")), folder
+
+
 def test_bad_urls_are_one_line(gcs, tmp_path):
   from spanlm import workdir
   with pytest.raises(ValueError, match=r"s3://b/run: the URL scheme s3:// is not supported"):
@@ -141,6 +193,15 @@ def test_bad_urls_are_one_line(gcs, tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error: cannot access gs://no-such-bucket/run") and "Traceback" not in r.stderr
   assert not os.path.exists(tmp_path / "gs:")
+  # The converted-checkpoint entry points check the bucket first (paths.check_bucket): an absent one
+  # is that one line, not "not a converted checkpoint" nor a write failing deep inside gcsfs/TensorStore.
+  from spanlm import convert
+  with pytest.raises(ValueError, match=r"^cannot access gs://no-such-bucket/conv .*does not exist.*"
+                                       r"GOOGLE_APPLICATION_CREDENTIALS"):
+    convert.is_converted("gs://no-such-bucket/conv")
+  with pytest.raises(ValueError, match=r"^cannot access gs://no-such-bucket/out .*GOOGLE_APPLICATION_CREDENTIALS"):
+    convert.import_hf(str(tmp_path), "gs://no-such-bucket/out")  # before --src is even looked at
+  convert.is_converted("gs://bucket/conv-none")  # a reachable bucket passes (False: nothing there)
 
 
 @pytest.mark.slow  # ~10 s: JAX, Orbax and tokenization against the server
