@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.share_layers = "none"  # ALBERT cross-layer sharing: none | all | attention | ffn
   c.model.remat = "none"  # per-layer activation checkpointing: none | full | dots_saveable | dots_with_no_batch_dims_saveable
   c.model.head_mask = ""  # attention heads switched off, "layer:head,..." 0-based, e.g. "0:3,5:1" (head ablation)
+  # Output biases of the MLM/SBO decoders at the start of a fresh run: zeros (BERT's reference) or
+  # log p(v) of the training rows' unigram model, so the first step already predicts word frequencies.
+  c.model.output_bias_init = "zeros"  # zeros | unigram
 
   c.masking = ml_collections.ConfigDict()
   c.masking.scheme = "token"  # token | whole_word | span | ngram
@@ -180,6 +183,7 @@ _CHOICES = {
     ("data", "packing"): ("document", "full_sentences", "packed"),
     ("masking", "scheme"): ("token", "whole_word", "span", "ngram"),
     ("model", "share_layers"): ("none", "all", "attention", "ffn"),
+    ("model", "output_bias_init"): ("zeros", "unigram"),
 }
 
 
@@ -189,8 +193,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"invalid config: {msg}")
 
   for (group, key), choices in _CHOICES.items():
-    if config[group][key] not in choices:
-      fail(f"config.{group}.{key}={config[group][key]!r}; choose one of {choices}")
+    value = config[group].get(key, choices[0])  # a config.json from before the field existed
+    if value not in choices:
+      fail(f"config.{group}.{key}={value!r}; choose one of {choices}")
   t = config.train
   for key in ("num_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
     if not isinstance(t[key], int) or t[key] <= 0:

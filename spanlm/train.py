@@ -300,6 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   restored = _restore(checkpointer, trainer)  # newest intact one (falls back; converts the layer layout)
   if restored is None:
     state = trainer.init_state()
+    if config.model.get("output_bias_init", "zeros") == "unigram":
+      state = unigram_output_biases(state, trainer.unigram_nll)
     if config.get("ewc") and config.ewc.get("init_from_theta"):  # EWC task B continues from task A
       state = ewc.start_from_theta_star(trainer, state, config.ewc)
     start = 0
@@ -401,6 +403,39 @@ def _with_baseline(summary: str, result: dict) -> str:
   first, _, rest = summary.partition(" | ")
   gap = 100 * (base - loss) / base
   return f"{first} (unigram baseline {base:.3f}: {abs(gap):.1f}% {'below' if gap >= 0 else 'above'}) | {rest}"
+
+
+OUTPUT_BIASES = ("mlm_bias", "sbo_bias")
+
+
+def unigram_output_biases(state, unigram_nll: np.ndarray):
+  """`state` with every MLM/SBO decoder bias (`OUTPUT_BIASES`) set to log p(v) of the unigram model.
+
+  A fresh model then starts at the unigram baseline instead of spending its first hundred steps
+  learning word frequencies (the trick of initialising a classifier's bias to the log class
+  priors). Ids the unigram model never predicts ([PAD]/[CLS]/[SEP], rows padding the vocabulary)
+  get the least frequent id's log-probability, so their logits start low but finite.
+  """
+  log_p = -np.asarray(unigram_nll, np.float64)
+  floor = log_p[np.isfinite(log_p)].min()
+  found = []
+
+  def set_bias(path, leaf):
+    if getattr(path[-1], "key", None) not in OUTPUT_BIASES:
+      return leaf
+    found.append(path)
+    if leaf.ndim != 1 or leaf.shape[0] < log_p.shape[0]:
+      raise ValueError(f"output bias {jax.tree_util.keystr(path)} has shape {leaf.shape}, not one entry "
+                       f"per id of the {log_p.shape[0]}-id vocabulary")
+    value = np.full(leaf.shape, floor, np.float32)
+    value[:log_p.shape[0]] = np.where(np.isfinite(log_p), log_p, floor)
+    return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+  params = jax.tree_util.tree_map_with_path(set_bias, state.params)
+  if not found:
+    raise ValueError(f"model.output_bias_init=unigram, but this model has no output bias named one of "
+                     f"{OUTPUT_BIASES}; use model.output_bias_init=zeros")
+  return state.replace(params=params)
 
 
 def _restore(checkpointer, trainer):

@@ -132,6 +132,32 @@ def test_eval_is_deterministic_and_counts_predictions(single):
   assert a["eval/perplexity"] == pytest.approx(np.exp(a["eval/mlm_loss"]), rel=1e-5)
 
 
+def test_unigram_output_bias_starts_the_model_at_the_unigram_baseline(single):
+  # A Zipf unigram model (p ∝ 1/rank over the text ids) that is far from the uniform targets of
+  # make_batch: its loss on them is ~1 nat above log V, so starting from zero biases cannot pass.
+  nll = np.full(V, np.inf, np.float32)
+  rank = np.arange(1, V - 4)
+  nll[5:] = np.log(rank) + np.log(np.sum(1.0 / rank))
+  nll[1], nll[4] = 20.0, 20.0  # [UNK], [MASK]: finite, rare
+  from spanlm.train import unigram_output_biases
+  state = unigram_output_biases(single.init_state(), nll)
+  biases = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+            if "bias" in jax.tree_util.keystr(p) and x.ndim == 1 and x.shape[0] >= V}
+  assert any("mlm_bias" in k for k in biases) and any("sbo_bias" in k for k in biases), biases.keys()
+  for bias in biases.values():
+    np.testing.assert_allclose(bias[5:V], -nll[5:], rtol=1e-6)
+    assert np.all(bias[[0, 2, 3]] == -20.0) and np.all(bias[V:] == -20.0)  # least frequent id's value
+  single.unigram_nll = nll
+  try:
+    result = single.evaluate(state.params, [make_batch(1), make_batch(2)])
+  finally:
+    single.unigram_nll = None
+  assert result["eval/unigram_mlm_loss"] > np.log(V) + 0.5
+  assert result["eval/mlm_loss"] == pytest.approx(result["eval/unigram_mlm_loss"], abs=0.05)
+  with pytest.raises(ValueError, match="no output bias named one of"):  # e.g. a model without an MLM head
+    unigram_output_biases(state.replace(params={"encoder": state.params["encoder"]}), nll)
+
+
 def test_micro_batch_must_divide_over_devices():
   c = tiny_config(data=8, fsdp=1, model=1)
   c.train.batch_size = 12
