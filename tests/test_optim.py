@@ -374,7 +374,7 @@ def test_bad_masks_and_hyperparameters_fail_at_construction():
 
 def test_groups_apply_their_own_optimizer():
   params, grads = make_params(), gradient_sequence(make_params(), 3)
-  c = tiny(optimizer__name="lamb", optimizer__grad_clip=0.0)
+  c = tiny(optimizer__name="lamb", optimizer__grad_clip=0.0, optimizer__learning_rate=1e-3, optimizer__b2=0.999)
   c.schedule.warmup_steps = 0
   c.optimizer.groups = ({"pattern": "^out/", "label": "head", "name": "adamw", "learning_rate": 3e-2},
                         {"pattern": "^ln/", "name": "frozen"})
