@@ -429,7 +429,8 @@ def unigram_output_biases(state, unigram_nll: np.ndarray):
                        f"per id of the {log_p.shape[0]}-id vocabulary")
     value = np.full(leaf.shape, floor, np.float32)
     value[:log_p.shape[0]] = np.where(np.isfinite(log_p), log_p, floor)
-    return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+    value = value.astype(leaf.dtype)  # each process builds the shards it holds (multi-host safe)
+    return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: value[index])
 
   params = jax.tree_util.tree_map_with_path(set_bias, state.params)
   if not found:
