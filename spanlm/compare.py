@@ -156,11 +156,7 @@ def plot_losses(out_dir: str, names: list[str], path: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  import io
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
-  plt.close(fig)
-  paths.path(path).write_bytes(buf.getvalue())
+  paths.write_figure(fig, path, dpi=120)
 
 
 def compare(names: list[str], out_dir: str, glue_dir: str, **kw) -> list[dict]:

@@ -176,23 +176,8 @@ def write_report(result: dict, probs: np.ndarray, special, lengths, out_dir: str
       ax.set_xticks([]), ax.set_yticks([])
   fig.suptitle(title or "attention maps (example 0)", fontsize=9)
   fig.tight_layout()
-  _save_figure(fig, out / "attention_maps.png")
+  paths.write_figure(fig, out / "attention_maps.png", dpi=90)
   return summary
-
-
-def _save_figure(fig, path) -> None:
-  """A matplotlib figure as a PNG at `path` (local or gs://: rendered in memory, written through epath)."""
-  import io
-
-  import matplotlib.pyplot as plt
-
-  from spanlm import paths
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90)
-  plt.close(fig)
-  out = paths.path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_bytes(buf.getvalue())
 
 
 # --- head ablation (Michel et al. 2019, "Are Sixteen Heads Really Better than One?") -------------
@@ -248,4 +233,5 @@ def plot_ablation(result: dict, metric: str, path: str, title: str = "") -> None
   fig.colorbar(im, ax=ax, label=f"{metric} change (base {result['base']:.4f})")
   ax.set_title(title or f"{metric} change with one head disabled", fontsize=9)
   fig.tight_layout()
-  _save_figure(fig, path)
+  from spanlm import paths
+  paths.write_figure(fig, path, dpi=90)

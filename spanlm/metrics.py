@@ -8,7 +8,6 @@ beside every held-out masked-LM loss.
 
 from __future__ import annotations
 
-import io
 import json
 import logging as std_logging
 import math
@@ -224,11 +223,5 @@ def plot_curves(workdirs: list[str], out: str, labels: list[str] | None = None) 
       ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
-  from spanlm.paths import path
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=110)
-  plt.close(fig)
-  out = path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_bytes(png.getvalue())  # local or gs://
-  return str(out)
+  from spanlm.paths import write_figure
+  return write_figure(fig, out, dpi=110)  # local or gs://

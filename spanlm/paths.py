@@ -82,6 +82,21 @@ def write_text_atomic(p, text: str) -> None:
   tmp.replace(p)
 
 
+def write_figure(fig, p, dpi: int) -> str:
+  """A matplotlib figure as a PNG at `p` (local or gs://: rendered in memory, written through epath);
+  the figure is closed. Returns the path as a string."""
+  import io
+
+  import matplotlib.pyplot as plt
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=dpi)
+  plt.close(fig)
+  out = path(p)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(png.getvalue())
+  return str(out)
+
+
 def copy_tree(src, dst, last: str | None = None) -> None:
   """Copy a directory tree between any two epath locations; the file named `last` goes last."""
   dst.mkdir(parents=True, exist_ok=True)
