@@ -161,7 +161,7 @@ def plot_losses(out_dir: str, names: list[str], path: str) -> None:
 
 def compare(names: list[str], out_dir: str, glue_dir: str, **kw) -> list[dict]:
   """Run every objective in `names`; write compare.md, compare.json and loss_curves.png."""
-  if glue_dir and not os.path.isfile(os.path.join(glue_dir, "SST-2", "dev.tsv")):
+  if glue_dir and not paths.is_file(os.path.join(glue_dir, "SST-2", "dev.tsv")):  # local or gs://
     raise FileNotFoundError(f"{glue_dir}/SST-2/dev.tsv not found: --glue_dir must hold GLUE's "
                             "SST-2/{train,dev}.tsv")
   paths.check_bucket(out_dir)

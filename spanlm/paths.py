@@ -8,8 +8,10 @@ files, `workdir`), so none of them imports another to reach a file.
 
 from __future__ import annotations
 
+import glob as globlib
 import logging
 import os
+import posixpath
 import re
 
 from etils import epath
@@ -21,13 +23,18 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def path(p) -> epath.Path:
-  """A local path (made absolute) or a gs:// URL as an epath.Path; other schemes are an error."""
+  """A local path (made absolute) or a gs:// URL as an epath.Path; other schemes are an error.
+  A URL's `.` and `..` parts are resolved as a local path's are (object storage has no folders to
+  resolve them: `gs://b/glue/MNLI/../diagnostic` would name an object under `MNLI/..`)."""
   s = os.fspath(p) if not isinstance(p, epath.Path) else str(p)
   if m := _URL.match(s):
     if m.group(1) not in SCHEMES:
       raise ValueError(f"{s}: the URL scheme {m.group(1)}:// is not supported; use a local path or "
                        f"gs://bucket/path")
-    return epath.Path(s)
+    rest = s[m.end():]
+    if "/." in rest:
+      rest = posixpath.normpath(rest)
+    return epath.Path(f"{m.group(1)}://{rest}")
   return epath.Path(os.path.abspath(os.path.expanduser(s)))
 
 
@@ -68,6 +75,52 @@ def check_bucket(url) -> None:
   if not found:
     raise access_error(s, FileNotFoundError(f"bucket {bucket} does not exist or is not visible"))
   _REACHABLE.add(bucket)
+
+
+def _remote_call(p, fn):
+  """fn() for a path `p`; for gs:// the bucket is checked first (`check_bucket`) and a failure other
+  than a missing file is `access_error` (one line naming the URL and what to set)."""
+  if not is_remote(p):
+    return fn()
+  check_bucket(p)
+  try:
+    return fn()
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise their own types)
+    raise access_error(p, e) from e
+
+
+def is_file(p) -> bool:
+  """Whether `p` (a local path or gs:// URL) is a file. Input readers test their files with this,
+  so a gs:// data folder works wherever a local one does."""
+  return _remote_call(p, lambda: path(p).is_file())
+
+
+def is_dir(p) -> bool:
+  """Whether `p` (a local path or gs:// URL) is a folder."""
+  return _remote_call(p, lambda: path(p).is_dir())
+
+
+def read_bytes(p) -> bytes:
+  """The content of a local or gs:// file (FileNotFoundError when it is absent)."""
+  return _remote_call(p, lambda: path(p).read_bytes())
+
+
+def read_text(p, encoding: str = "utf-8") -> str:
+  """A local or gs:// file decoded (UnicodeDecodeError on a bad byte, as `open` would)."""
+  return read_bytes(p).decode(encoding)
+
+
+def glob(pattern: str) -> list[str]:
+  """Sorted paths matching a glob, local (`glob.glob`, relative patterns stay relative) or gs://
+  (`gs://bucket/cnndm/*.train.*.json`: matched under the bucket); folders included."""
+  if not is_remote(pattern):
+    return sorted(globlib.glob(pattern))
+  scheme_and_rest = str(path(pattern))  # an unknown scheme: its own one line
+  scheme, _, rest = scheme_and_rest.partition("://")
+  bucket, _, glob_part = rest.partition("/")
+  return sorted(_remote_call(pattern, lambda: [str(m) for m in path(f"{scheme}://{bucket}").glob(glob_part)]))
 
 
 def write_text_atomic(p, text: str) -> None:

@@ -181,6 +181,62 @@ def test_finetune_into_a_gs_workdir(gcs, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(folder, "gs:")), folder
 
 
+def test_task_data_on_gs_reads_as_local(gcs, tmp_path, monkeypatch):
+  """Fine-tuning input read from gs:// (GLUE TSVs through config.task.data_dir and $GLUE_DIR, a
+  SQuAD JSON, a BertSum glob) gives exactly what the local copies give; a missing gs:// file is the
+  same one line as a missing local one."""
+  import numpy as np
+  from etils import epath
+
+  from spanlm import finetune, paths
+  from spanlm.data.wordpiece import WordPieceTokenizer
+  from spanlm.tasks import bertsum, get_task, squad
+  _toy_sst(tmp_path)
+  monkeypatch.chdir(tmp_path)  # a URL taken for a relative path would land in ./gs:
+  for split in ("train", "dev", "test"):
+    epath.Path(f"gs://bucket/glue/SST-2/{split}.tsv").write_bytes((tmp_path / "SST-2" / f"{split}.tsv").read_bytes())
+  tok = WordPieceTokenizer((tmp_path / "vocab.txt").read_text().split())
+  c = finetune.finetune_config()
+  c.task.name, c.task.data_dir = "sst2", str(tmp_path / "SST-2")
+  local = {s: get_task("sst2", c).load(s, tok, 16) for s in ("train", "test")}
+  c.task.data_dir = ""
+  monkeypatch.setenv("GLUE_DIR", "gs://bucket/glue")  # the task's folder under $GLUE_DIR
+  remote = {s: get_task("sst2", c).load(s, tok, 16) for s in ("train", "test")}
+  for s in local:
+    assert local[s].arrays.keys() == remote[s].arrays.keys() and local[s].report == remote[s].report
+    for k in local[s].arrays:
+      np.testing.assert_array_equal(local[s].arrays[k], remote[s].arrays[k])
+    assert local[s].meta["index"] == remote[s].meta["index"]
+  assert local["train"].report["rows"] == 32 and local["test"].report["rows"] == 6
+  c.task.data_dir = "gs://bucket/glue/SST-2"
+  epath.Path("gs://bucket/glue/SST-2/dev.tsv").unlink()
+  with pytest.raises(FileNotFoundError, match=r"^gs://bucket/glue/SST-2/dev\.tsv not found$"):
+    get_task("sst2", c).load("dev", tok, 16)
+  # MNLI's diagnostic set is `../diagnostic/diagnostic.tsv` from its folder: resolved on gs:// too.
+  assert str(paths.path("gs://bucket/glue/MNLI/../diagnostic/diagnostic.tsv")) == \
+      "gs://bucket/glue/diagnostic/diagnostic.tsv"
+
+  squad_data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "Paris is in France.", "qas": [
+      {"id": "q1", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]}]}]}]}
+  (tmp_path / "dev.json").write_text(json.dumps(squad_data))
+  epath.Path("gs://bucket/squad/dev.json").write_text(json.dumps(squad_data))
+  raw, examples = squad.load_squad("gs://bucket/squad/dev.json")
+  assert raw == squad_data and examples == squad.load_squad(str(tmp_path / "dev.json"))[1]
+  assert examples[0].answer_start == 12
+  with pytest.raises(FileNotFoundError, match=r"SQuAD file 'gs://bucket/squad/train\.json' not found"):
+    squad.load_squad("gs://bucket/squad/train.json")
+
+  docs = [{"src": [["a", "b"], ["c"]], "tgt": [["a"]]}, {"src": [["d"]], "tgt": [["d"]]}]
+  for i, doc in enumerate(docs):
+    epath.Path(f"gs://bucket/cnndm/cnndm.train.{i}.json").write_text(json.dumps([doc]))
+    (tmp_path / f"cnndm.train.{i}.json").write_text(json.dumps([doc]))
+  assert bertsum.load_documents("gs://bucket/cnndm/cnndm.train.*.json") == \
+      bertsum.load_documents(str(tmp_path / "cnndm.train.*.json")) == [(d["src"], d["tgt"]) for d in docs]
+  with pytest.raises(FileNotFoundError, match=r"no summarisation data at 'gs://bucket/cnndm/none\.\*\.json'"):
+    bertsum.load_documents("gs://bucket/cnndm/none.*.json")
+  assert not os.path.exists(tmp_path / "gs:")
+
+
 def test_bad_urls_are_one_line(gcs, tmp_path):
   from spanlm import workdir
   with pytest.raises(ValueError, match=r"s3://b/run: the URL scheme s3:// is not supported"):

@@ -42,10 +42,10 @@ def main(argv):
     if not convert.is_converted(path):
       raise FileNotFoundError(f"{_CKPT.value!r} is not a converted checkpoint (no {convert.META_FILE}); "
                               f"run tools/import_checkpoint.py first")
-    if not os.path.isfile(_INPUT.value):
+    if not paths.is_file(_INPUT.value):  # local or gs://
       raise FileNotFoundError(f"--input={_INPUT.value!r} not found")
-    with open(_INPUT.value, encoding="utf-8") as f:
-      lines = [line.rstrip("\n").rstrip("\r") for line in f]
+    text = io.StringIO(paths.read_text(_INPUT.value), newline=None)  # universal newlines, as open()'s
+    lines = [line.rstrip("\n").rstrip("\r") for line in text]
     texts = [t for t in lines if t.strip()]
     if len(texts) < len(lines):
       print(f"skipped {len(lines) - len(texts)} empty lines of {len(lines)}")

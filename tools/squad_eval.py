@@ -15,17 +15,20 @@ import argparse
 import json
 import sys
 
+from spanlm import paths
 from spanlm.tasks import squad_metrics
 
 
 def _load_json(path: str, what: str):
+  """A JSON file, local or gs://."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except FileNotFoundError:
     sys.exit(f"error: {what} file {path!r} not found")
   except json.JSONDecodeError as e:
     sys.exit(f"error: {what} file {path!r} is not valid JSON ({e}); expected the SQuAD format")
+  except ValueError as e:  # an unknown URL scheme, an unreachable bucket (paths.access_error)
+    sys.exit(f"error: {e}")
 
 
 def main(argv=None):
@@ -55,8 +58,7 @@ def main(argv=None):
   text = json.dumps(result)
   print(text)
   if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+    paths.path(args.out).write_text(text + "\n")  # local or gs://
   return result
 
 

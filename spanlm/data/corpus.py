@@ -58,17 +58,16 @@ def _resolve_remote(pattern: str) -> list[str]:
   """The files a gs:// file, folder or glob names (`gs://bucket/books/*.txt`)."""
   from spanlm import paths
   root = paths.path(pattern)  # an unknown URL scheme is one line here
-  try:
-    if any(c in pattern for c in "*?["):
-      scheme, _, rest = pattern.partition("://")
-      bucket, _, glob_part = rest.partition("/")
-      matches = [str(m) for m in paths.path(f"{scheme}://{bucket}").glob(glob_part) if not m.is_dir()]
-    elif root.is_dir():
-      matches = [str(m) for m in root.iterdir() if str(m).endswith(TEXT_SUFFIXES) and not m.is_dir()]
-    else:
-      matches = [pattern] if root.exists() else []
-  except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise their own types)
-    raise paths.access_error(pattern, e) from e
+  if any(c in pattern for c in "*?["):
+    matches = [m for m in paths.glob(pattern) if not paths.is_dir(m)]
+  else:
+    try:
+      if root.is_dir():
+        matches = [str(m) for m in root.iterdir() if str(m).endswith(TEXT_SUFFIXES) and not m.is_dir()]
+      else:
+        matches = [pattern] if root.exists() else []
+    except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise their own types)
+      raise paths.access_error(pattern, e) from e
   if not matches:
     raise FileNotFoundError(f"No files match {pattern!r} (for a gs:// folder, its .txt/.txt.gz files).")
   return matches

@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from spanlm import paths
 from spanlm.repro import report
 
 LAMBDAS = (0.0, 1e4, 1e6, 1e8)
@@ -152,7 +153,7 @@ def run(out: str, *, smoke: bool = False, log=print, glue_dir: str = "") -> repo
 
   cfg = SMOKE if smoke else FULL
   glue_dir = glue_dir or os.environ.get("GLUE_DIR", "")
-  if not glue_dir or not os.path.isdir(os.path.join(glue_dir, "SST-2")):
+  if not glue_dir or not paths.is_dir(os.path.join(glue_dir, "SST-2")):  # local or gs://
     raise ValueError(f"--claim=ewc needs --glue_dir=DIR holding SST-2/ and CoLA/ (GLUE's TSVs); got {glue_dir!r}")
   ckpt = import_minilm(out)
   dev_rows = cfg.get("dev_rows", 0)

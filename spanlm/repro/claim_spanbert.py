@@ -39,6 +39,7 @@ import os
 
 import numpy as np
 
+from spanlm import paths
 from spanlm.repro import report
 from spanlm.repro.claim_lamb import read_evals
 
@@ -88,7 +89,7 @@ def run(out: str, *, smoke: bool = False, log=print) -> report.Report:
 
   cfg = SMOKE if smoke else FULL
   squad_file = os.environ.get("SQUAD_V11", "/work/shared/data/squad/dev-v1.1.reconstructed.json")
-  if not os.path.isfile(squad_file):
+  if not paths.is_file(squad_file):  # local or gs://
     raise ValueError(f"--claim=spanbert needs SQuAD v1.1 JSON at {squad_file!r}; set SQUAD_V11=PATH")
   base = arm_config("span+sbo", 0, cfg, "")
   corpus = prepare.ensure_prepared(base.data.corpus, out, base.train.seq_len, tokenizer=base.data.tokenizer,

@@ -48,9 +48,7 @@ Malformed rows, empty documents and truncated documents are counted and logged.
 from __future__ import annotations
 
 import collections
-import glob as globlib
 import json
-import os
 import re
 from typing import NamedTuple
 
@@ -60,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spanlm import paths
 from spanlm.models.bert import BertConfig, BertEncoder, SelfAttention, dense, layer_norm
 from spanlm.tasks import rouge
 from spanlm.tasks.base import Features, Task, masked_sum
@@ -128,16 +127,16 @@ def parse_document(row) -> tuple[list[list[str]], list[list[str]]] | None:
 
 
 def load_documents(pattern: str, report: collections.Counter | None = None):
-  """Documents from a JSON list file, JSON lines file or a glob of them; bad rows counted."""
+  """Documents from a JSON list file, JSON lines file or a glob of them (local or gs://); bad rows
+  counted."""
   report = report if report is not None else collections.Counter()
-  paths = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-  if not paths or not all(os.path.isfile(p) for p in paths):
+  files = paths.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+  if not files or not all(paths.is_file(p) for p in files):
     raise FileNotFoundError(f"no summarisation data at {pattern!r}; set config.data.train_file / "
                             f"eval_file to a BertSum JSON file or glob (e.g. cnndm.train.*.json)")
   docs = []
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+  for path in files:
+    text = paths.read_text(path)
     try:
       rows = json.loads(text)
       if isinstance(rows, dict):
@@ -445,7 +444,6 @@ class BertSumTask(Task):
     return out
 
   def write_predictions(self, predictions, features, path_prefix: str, best=None) -> list[str]:
-    from spanlm import paths
     prefix = paths.path(path_prefix)  # a local path or a gs:// URL
     prefix.parent.mkdir(parents=True, exist_ok=True)
     out = prefix.parent / f"{prefix.name}_summaries.jsonl"

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from spanlm import paths
 from spanlm.models.bert import BertConfig, BertEncoder
 from spanlm.tasks.base import Features, Task, masked_sum
 
@@ -124,9 +125,9 @@ def glue_metrics(spec: GlueSpec, pred, gold) -> dict[str, float]:
 
 # --- reading and encoding ------------------------------------------------------------------------
 def read_tsv(path: str, spec: GlueSpec, labelled: bool, report: dict) -> list[dict]:
-  """Rows as {'texts': [...], 'label': str|None, 'index': str}; bad rows counted in `report`."""
-  with open(path, "rb") as f:
-    raw = f.read()
+  """Rows as {'texts': [...], 'label': str|None, 'index': str}; bad rows counted in `report`.
+  `path` is local or gs://."""
+  raw = paths.read_bytes(path)
   try:
     text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
@@ -236,7 +237,7 @@ class GlueTask(Task):
 
   def data_dir(self) -> str:
     d = self.config.task.data_dir or os.path.join(os.environ.get("GLUE_DIR", "glue_data"), self.spec.directory)
-    if not os.path.isdir(d):
+    if not paths.is_dir(d):  # local or gs://
       raise FileNotFoundError(f"GLUE {self.spec.directory} directory {d!r} not found; pass "
                               f"--config.task.data_dir=PATH/{self.spec.directory} or set GLUE_DIR")
     return d
@@ -265,7 +266,7 @@ class GlueTask(Task):
     if split not in files:
       raise ValueError(f"GLUE {self.name} has no split {split!r}; choose one of {sorted(files)}")
     path = os.path.join(self.data_dir(), files[split])
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
       raise FileNotFoundError(f"{path} not found")
     report: dict[str, int] = {}
     labelled = self.has_labels(split)
@@ -309,7 +310,6 @@ class GlueTask(Task):
     return glue_metrics(self.spec, predictions, features.arrays["labels"])
 
   def write_predictions(self, predictions, features, path_prefix, best=None):
-    from spanlm import paths
     folder = paths.path(path_prefix)  # a local folder or a gs:// URL
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["index\tprediction"]

@@ -38,7 +38,6 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
 import unicodedata
 
 import flax.linen as nn
@@ -46,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spanlm import paths
 from spanlm.models.bert import BertConfig, BertEncoder, dense
 from spanlm.tasks import squad_metrics
 from spanlm.tasks.base import Features, Progress, Task, masked_sum
@@ -118,14 +118,14 @@ def parse_squad(dataset, report: collections.Counter | None = None) -> list[Exam
 
 
 def read_squad_json(path: str) -> dict:
-  """The decoded SQuAD file, with a clear error for a missing, non-JSON or non-SQuAD file."""
-  if not os.path.isfile(path):
+  """The decoded SQuAD file (local or gs://), with a clear error for a missing, non-JSON or non-SQuAD
+  file."""
+  if not paths.is_file(path):
     raise FileNotFoundError(f"SQuAD file {path!r} not found; set config.data.train_file / eval_file")
-  with open(path, encoding="utf-8") as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); expected the SQuAD format") from e
+  try:
+    raw = json.loads(paths.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); expected the SQuAD format") from e
   if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
     raise ValueError(f"{path}: not a SQuAD file: expected a JSON object with a 'data' list of articles")
   return raw
@@ -590,7 +590,6 @@ class SquadTask(Task):
              "_gold": dataset}
     if self.v2:
       files["_null_odds"] = {q: d["null_odds"] for q, d in predictions.items()}
-    from spanlm import paths
     prefix = paths.path(path_prefix)  # a local path or a gs:// URL
     prefix.parent.mkdir(parents=True, exist_ok=True)
     written = []
