@@ -133,3 +133,15 @@ def test_a_run_that_blows_up_early_returns_what_it_has(caplog):
   assert "returning what it has" in caplog.text
   first = lr_range.run(lambda i, lr: float("inf"), lrs, skip_start=0)  # diverged at once
   assert first["diverged"] and first["min_loss_lr"] == pytest.approx(lrs[0])
+
+
+def test_plot_writes_a_png_of_the_run_and_closes_it(tmp_path):
+  pytest.importorskip("matplotlib")
+  import matplotlib.pyplot as plt
+  lrs = lr_range.exponential_lrs(1e-6, 1.0, 301)
+  out = lr_range.run(lambda i, lr: curve(lr), lrs, beta=0.9, factor=4.0)
+  written = lr_range.plot(out, tmp_path / "plots" / "lr_range.png")  # the folder is created
+  data = (tmp_path / "plots" / "lr_range.png").read_bytes()
+  assert written == str(tmp_path / "plots" / "lr_range.png")
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a drawn figure, not an empty canvas
+  assert not plt.get_fignums()

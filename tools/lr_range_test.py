@@ -67,7 +67,7 @@ def main(argv):
   result["config"] = {"model": config.model.size, "optimizer": config.optimizer.name,
                       "batch_size": t.batch_size, "seq_len": t.seq_len}
   (wd.root / "lr_range.json").write_text(json.dumps(result, indent=1))
-  lr_range.plot(result, os.path.join(out, "lr_range.png"),
+  lr_range.plot(result, wd.root / "lr_range.png",
                 title=f"LR range test: BERT-{config.model.size}, {config.optimizer.name}, "
                       f"batch {t.batch_size}x{t.seq_len}")
   print(f"{len(result['losses'])} steps, lr {lrs[0]:.1e} -> {result['lrs'][-1]:.1e}"

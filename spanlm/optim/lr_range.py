@@ -156,8 +156,9 @@ def run(step: Callable[[int, float], float], lrs, beta: float = 0.9, factor: flo
   return dict(lrs=lrs[:n].tolist(), losses=losses, smoothed=smoothed, diverged=stopped, **suggestion)
 
 
-def plot(result: dict, path: str, title: str = "LR range test") -> None:
-  """Loss (raw and smoothed) against log LR with the suggested range shaded."""
+def plot(result: dict, path, title: str = "LR range test") -> str:
+  """Loss (raw and smoothed) against log LR with the suggested range shaded, as a PNG at `path`
+  (local or gs://); returns the path written."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -179,8 +180,8 @@ def plot(result: dict, path: str, title: str = "LR range test") -> None:
   ax.set_title(title)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  from spanlm.paths import write_figure
+  return write_figure(fig, path, dpi=120)  # local or gs://
 
 
 def schedule_overrides(result: dict, schedule: str = "triangular") -> list[str]:
