@@ -17,12 +17,13 @@ _LABELS = flags.DEFINE_list("labels", None, "Legend names, one per WORKDIR (defa
 
 
 def main(argv):
+  from spanlm import paths
   from spanlm.metrics import plot_curves
   workdirs = argv[1:]
   if not workdirs:
     raise app.UsageError("give at least one WORKDIR: python tools/plot_metrics.py WORKDIR [...] --out=curves.png")
   for w in workdirs:
-    if not os.path.isfile(os.path.join(w, "metrics.jsonl")):
+    if not paths.is_file(paths.path(w) / "metrics.jsonl"):  # local or gs://
       print(f"error: {w} has no metrics.jsonl; is it a spanlm run directory?", file=sys.stderr)
       sys.exit(2)
   if _LABELS.value and len(_LABELS.value) != len(workdirs):
