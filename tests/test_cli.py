@@ -51,6 +51,7 @@ def resumed_run(tmp_path_factory):
   return split, runs
 
 
+@pytest.mark.slow
 def test_tiny_run_trains_evaluates_and_checkpoints(resumed_run):
   workdir, runs = resumed_run
   rows = read_metrics(workdir)
@@ -70,6 +71,7 @@ def test_tiny_run_trains_evaluates_and_checkpoints(resumed_run):
   assert json.loads(runs["second"].stdout.strip().splitlines()[-1])["step"] == 20
 
 
+@pytest.mark.slow
 def test_rerun_continues_where_the_first_stopped(resumed_run):
   workdir, runs = resumed_run
   assert "resumed from" in runs["second"].stderr and "at step 10" in runs["second"].stderr
@@ -80,6 +82,7 @@ def test_rerun_continues_where_the_first_stopped(resumed_run):
   assert int(raw["step"]) == 20 and data["iterator"] == {"next_index": 20}
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_says_so(resumed_run):
   _, runs = resumed_run
   assert "run is complete" in runs["again"].stderr
@@ -94,6 +97,7 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_seq_len_beyond_positions_is_a_clear_error(tmp_path):
   r = spanlm_main(tmp_path, "--config.train.seq_len=1024")
   assert r.returncode == 2
@@ -102,6 +106,7 @@ def test_seq_len_beyond_positions_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("content,problem", [(b"", "empty"), (b"\x00\x01\x02binary\x00" * 100, "binary")])
+@pytest.mark.slow
 def test_bad_corpus_file_is_named(tmp_path, content, problem):
   bad = tmp_path / "corpus" / "bad.txt"
   bad.parent.mkdir()
@@ -115,6 +120,7 @@ def test_bad_corpus_file_is_named(tmp_path, content, problem):
   assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_missing_tokenizer_is_named(tmp_path):
   r = spanlm_main(tmp_path, "--config.data.tokenizer=/nonexistent/sp.model")
   assert r.returncode == 2
@@ -154,6 +160,7 @@ def own_corpus_run(tmp_path_factory):
   return spanlm_main(root / "work", *args), root
 
 
+@pytest.mark.slow
 def test_own_corpus_file_and_folder_with_skipped_file_trains(own_corpus_run):
   r, root = own_corpus_run
   assert r.returncode == 0, r.stderr[-3000:]
@@ -167,6 +174,7 @@ def test_own_corpus_file_and_folder_with_skipped_file_trains(own_corpus_run):
   assert "unigram" in r.stderr  # the eval line's baseline
 
 
+@pytest.mark.slow
 def test_default_verbosity_has_no_library_noise(own_corpus_run):
   r, _ = own_corpus_run
   assert r.returncode == 0 and "tokenizer: read" in r.stderr  # a full run: preparation, training, saving
@@ -175,6 +183,7 @@ def test_default_verbosity_has_no_library_noise(own_corpus_run):
     assert noise not in r.stderr + r.stdout, noise
 
 
+@pytest.mark.slow
 def test_bad_file_message_names_the_flag_that_exists(tmp_path):
   (tmp_path / "bad.txt").write_bytes(b"")
   r = spanlm_main(tmp_path / "work", f"--config.data.corpus={tmp_path}/bad.txt",
@@ -183,6 +192,7 @@ def test_bad_file_message_names_the_flag_that_exists(tmp_path):
   assert "--config.data.skip_bad_files=True" in r.stderr
 
 
+@pytest.mark.slow
 def test_uncovered_characters_warn_with_the_unknown_share(tmp_path):
   """Hebrew and emoji with the English sample tokenizer: most tokens are [UNK]; preparation says so."""
   (tmp_path / "he.txt").write_text(("שלום עולם 🙂 זה טקסט בעברית. " * 40 + "\n\n") * 20)

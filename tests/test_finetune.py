@@ -170,6 +170,7 @@ def test_gradient_accumulation_equals_the_large_batch(tuners):
   assert any(v.aval.shape == (4, 8, 64) for v in scans[0].invars)
 
 
+@pytest.mark.slow
 def test_length_buckets_give_the_same_outputs_and_steps(tuners):
   full, feats = tuners(1, buckets=1)
   bucketed, _ = tuners(1, buckets=3)
@@ -245,6 +246,7 @@ def test_adam_without_bias_correction_is_berts():
   np.testing.assert_allclose(first["w"], -lr, rtol=1e-5)  # bias-corrected Adam's first step is lr
 
 
+@pytest.mark.slow
 def test_parameter_groups_work_in_finetuning(tuners, sst):
   """optax.multi_transform leaves MaskedNodes in the state; the shared state layout keeps them."""
   tuner, feats = tuners(1)

@@ -237,6 +237,7 @@ def test_task_data_on_gs_reads_as_local(gcs, tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "gs:")
 
 
+@pytest.mark.slow
 def test_bad_urls_are_one_line(gcs, tmp_path):
   from spanlm import workdir
   with pytest.raises(ValueError, match=r"s3://b/run: the URL scheme s3:// is not supported"):

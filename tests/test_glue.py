@@ -104,6 +104,7 @@ def sst_run(tmp_path_factory):
   return finetune.run(c, str(workdir)), workdir
 
 
+@pytest.mark.slow
 def test_finetuning_learns_a_toy_sentiment_task(sst_run):
   result, workdir = sst_run
   assert result["steps"] == 3 * (256 // 16)

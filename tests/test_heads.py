@@ -52,6 +52,7 @@ def test_masked_head_matches_numpy_reference(inputs):
                                                             np.array([1, 1, 0, 1.0]))).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_head_mask_equals_zeroing_that_heads_output_weights(inputs):
   """Masking (layer, head) is exactly removing that head's rows of the output projection."""
   ids, valid = inputs

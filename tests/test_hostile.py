@@ -27,6 +27,7 @@ def _cli(*args):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_megabyte_lines_lose_no_token(tmp_path):
   """A 1 MB paragraph of words and a 1 MB 'word' with no space: every token lands in a row."""
   rng = np.random.default_rng(0)
@@ -86,11 +87,13 @@ def test_checkpoint_with_another_vocabulary_is_refused_not_quarantined(tmp_path)
     ("--config.optimizer.learning_rate=fast", "could not convert string to float: 'fast'"),
     ("--config.train.num_steps=-5", "config.train.num_steps=-5 must be a positive integer"),
 ])
+@pytest.mark.slow
 def test_config_values_of_the_wrong_type(tmp_path, flag, message):
   r = _cli(f"--workdir={tmp_path}", flag)
   assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_workdir_that_cannot_be_created(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
@@ -98,6 +101,7 @@ def test_workdir_that_cannot_be_created(tmp_path):
   assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_reusing_a_donated_state_says_to_use_the_returned_one():
   """A notebook cell `state, m = trainer.train_step(state0, batch)` run twice: state0 was donated."""
   import spanlm

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spanlm")
 
 
@@ -88,6 +90,7 @@ def test_no_import_cycles():
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+@pytest.mark.slow
 def test_leaf_module_does_not_load_jax():
   code = ("import sys, spanlm.tasks.rouge\n"
           "heavy = sorted(m for m in ('jax', 'flax', 'orbax', 'optax') if m in sys.modules)\n"

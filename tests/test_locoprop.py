@@ -103,6 +103,7 @@ def test_reference_solver_matches_numpy_over_outer_steps(problem, variant):
     np.testing.assert_allclose(s["w"], w["w"], rtol=2e-4, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_reference_solver_runs_every_inner_step(problem):
   """T=1 and T=3 differ from each other, and T=3 is NumPy's 3-step answer, not its 1-step one."""
   params, batch = problem
@@ -120,6 +121,7 @@ def test_reference_solver_runs_every_inner_step(problem):
 
 
 @pytest.mark.parametrize("variant", ["S", "M"])
+@pytest.mark.slow
 def test_gd_prox_one_inner_step_is_a_backprop_sgd_step(problem, variant):
   """gd_prox: one inner step of size rho on targets gamma away == SGD with lr rho * gamma."""
   params, batch = problem
@@ -196,6 +198,7 @@ def test_proximal_term_limits_the_move(problem):
 @pytest.mark.parametrize("variant,solver,kw", [
     ("S", "gd_prox", dict(gamma=1.0, inner_lr=0.3, eta=1.0)), ("M", "gd_prox", dict(gamma=1.0, inner_lr=0.3, eta=1.0)),
     ("M", "rmsprop", dict(act_lr=10.0, learning_rate=1e-4))])
+@pytest.mark.slow
 def test_locoprop_trains_a_tiny_autoencoder(variant, solver, kw):
   sizes, acts = (8, 6, 2, 6, 8), ("tanh", "identity", "tanh", "sigmoid")
   r = np.random.default_rng(0)

@@ -62,6 +62,7 @@ def _log_a(p):
   return jnp.log(jnp.asarray(p, jnp.float32) / jnp.sum(p))[None]
 
 
+@pytest.mark.slow
 def test_importance_weighted_gradient_is_unbiased(tiny):
   norms = np.linalg.norm(np.asarray(tiny["flat"]), axis=1)
   for p in (norms, np.sqrt(norms), np.ones(L)):
@@ -100,6 +101,7 @@ def test_inclusion_probabilities_match_frequencies():
   assert np.all(np.asarray(sel[:, 0].sum(-1)) == 2)  # exactly k distinct positions every time
 
 
+@pytest.mark.slow
 def test_proposal_underflow_falls_back_and_is_counted():
   scores = jnp.array([[0.0, -1e4, -1e4, 5.0, 0.0, 0.0],
                       [0.0, jnp.nan, 1.0, 2.0, 0.0, 0.0]])

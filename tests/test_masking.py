@@ -172,6 +172,7 @@ def outputs(batch128, batch512):
 
 @pytest.mark.parametrize("seq_len", [128, 512])
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_invariants(scheme, seq_len, outputs, batch128, batch512):
   ids = batch128 if seq_len == 128 else batch512
   check_invariants(ids, outputs[scheme, seq_len], 0.15, scheme)
@@ -179,6 +180,7 @@ def test_invariants(scheme, seq_len, outputs, batch128, batch512):
 
 @pytest.mark.parametrize("seq_len", [128, 512])
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_rate(scheme, seq_len, outputs, batch128, batch512):
   ids = batch128 if seq_len == 128 else batch512
   count = outputs[scheme, seq_len].weights.sum(1)
@@ -192,6 +194,7 @@ def test_rate(scheme, seq_len, outputs, batch128, batch512):
     assert count.sum() / n.sum() > 0.95 * 0.15
 
 
+@pytest.mark.slow
 def test_degenerate_rows(outputs):
   for scheme in SCHEMES:
     out = outputs[scheme, 128]
@@ -200,6 +203,7 @@ def test_degenerate_rows(outputs):
     assert (out.left[2, 1], out.right[2, 1], out.span_id[2, 1]) == (0, 2, 0)
 
 
+@pytest.mark.slow
 def test_unk_is_maskable(outputs, batch128):
   assert (outputs["token", 128].weights[batch128 == masking.UNK_ID] > 0).any()
 
@@ -222,6 +226,7 @@ P_SAME = 1 / (V - masking.NUM_RESERVED)
 
 
 @pytest.mark.parametrize("scheme", ["token", "whole_word", "ngram"])
+@pytest.mark.slow
 def test_80_10_10_per_token(scheme, outputs, batch128, batch512):
   parts = [replacement_fractions(ids, outputs[scheme, ids.shape[1]]) for ids in (batch128, batch512)]
   is_mask, is_random, is_same = (np.concatenate(p) for p in zip(*parts))
@@ -230,6 +235,7 @@ def test_80_10_10_per_token(scheme, outputs, batch128, batch512):
   assert_binomial(is_same, 0.1 + 0.1 * P_SAME, "unchanged")
 
 
+@pytest.mark.slow
 def test_ngram_decisions_are_per_token(outputs, batch128, batch512):
   """ALBERT draws 80/10/10 for each token of an n-gram: the first two tokens of a unit are
   both [MASK] with probability 0.8² = 0.64 (a per-n-gram decision would give 0.8)."""
@@ -242,6 +248,7 @@ def test_ngram_decisions_are_per_token(outputs, batch128, batch512):
   assert_binomial(np.array(both), 0.64, "both [MASK]")
 
 
+@pytest.mark.slow
 def test_span_decision_is_per_span(outputs, batch128, batch512):
   outcomes = []
   for ids in (batch128, batch512):
@@ -341,6 +348,7 @@ def long_rows():
   return ids, run("span", ids, seed=7)
 
 
+@pytest.mark.slow
 def test_span_lengths_match_spanbert_reference(long_rows):
   """The realised (merged) span lengths in words: within 5% in mean and 0.05 in total
   variation of SpanBERT's own selection algorithm run on the same rows."""
@@ -364,6 +372,7 @@ def test_span_lengths_match_spanbert_reference(long_rows):
   assert tv < 0.05, tv
 
 
+@pytest.mark.slow
 def test_span_replacements_come_from_the_token_stream(long_rows):
   """SpanBERT's random replacements are np.random.choice(tokens) over the corpus stream:
   here the batch's text tokens. Word-start ids (5..499) are ~1/2.5 of the text but
@@ -378,6 +387,7 @@ def test_span_replacements_come_from_the_token_stream(long_rows):
   assert abs((text < 500).mean() - 0.5) > 0.05  # distinguishable from uniform over [5, V)
 
 
+@pytest.mark.slow
 def test_sbo_boundaries_are_never_masked(long_rows):
   ids, out = long_rows
   masked = out.weights > 0
@@ -449,6 +459,7 @@ def configurations(out):
         ("token", ROW, 0.15, [((i, i, i - 1, i + 1),) for i in range(1, 5)], []),
     ],
 )
+@pytest.mark.slow
 def test_handmade_boundaries(scheme, row, rate, expected, possible):
   ids = np.array([row] * 64, np.int32)  # every row draws its own randomness
   out = run(scheme, ids, rate=rate)
@@ -475,6 +486,7 @@ def test_degenerate_batch(scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_determinism(scheme, batch128, outputs):
   again = run(scheme, batch128, seed=0)
   other = run(scheme, batch128, seed=1)
@@ -485,6 +497,7 @@ def test_determinism(scheme, batch128, outputs):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_apply_masking_dispatch(scheme, batch128, outputs):
   cfg = ml_collections.ConfigDict(dict(scheme=scheme, rate=0.15))  # the rest defaults
   apply = jax.jit(functools.partial(masking.apply_masking, cfg=cfg, vocab_size=V))
@@ -513,6 +526,7 @@ rows = st.lists(
 @pytest.mark.parametrize("scheme", SCHEMES)
 @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
 @hypothesis.given(rows=rows, rate=st.sampled_from([0.15, 0.5]), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_invariants_on_arbitrary_rows(scheme, rows, rate, seed):
   ids = np.array(rows, np.int32)
   out = run(scheme, ids, seed=seed, rate=rate)

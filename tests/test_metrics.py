@@ -36,6 +36,7 @@ def test_event_files_read_back_with_tensorboard(tmp_path):
                      (20, "train/loss"): 2.0, (20, "eval/mlm_accuracy"): 0.25}
 
 
+@pytest.mark.slow
 def test_plot_metrics_overlays_runs(tmp_path):
   """tools/plot_metrics.py: two runs, one PNG; a folder without metrics.jsonl is one error line."""
   import subprocess

@@ -93,6 +93,7 @@ def tiny_pretraining_model():
   return model, params, args
 
 
+@pytest.mark.slow
 def test_encoder_matches_numpy_reference(tiny_pretraining_model):
   model, params, (ids, seg, mask, *_) = tiny_pretraining_model
   got = BertEncoder(model.cfg).apply({"params": params["encoder"]}, ids, seg, mask)
@@ -124,6 +125,7 @@ def test_heads_match_numpy_reference(tiny_pretraining_model):
   np.testing.assert_allclose(out["mlm_logits"], h @ table.T + p["mlm_bias"], atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_params():
   cfg = config_for("tiny", V, dtype=jnp.bfloat16)
   ids = jnp.ones((2, 8), jnp.int32)

@@ -88,6 +88,7 @@ def pair_target_reference(hidden, pairs, head, table, bias, max_targets):
   return out
 
 
+@pytest.mark.slow
 def test_sbo_head_matches_spanbert_pair_target_head():
   """spanlm scores each target token at its own position; SpanBERT scores every slot of every
   (left, right) pair. Token i of a span starting at s is slot i - s of that pair."""

@@ -46,6 +46,7 @@ LENGTHS = np.random.default_rng(0).integers(2, L - 1, size=256)  # some full (k 
 
 
 @pytest.mark.parametrize("task", ["nsp", "sop"])
+@pytest.mark.slow
 def test_pair_labels_are_balanced_and_segments_contiguous(task):
   ids = single_segment_rows(LENGTHS, L)
   built = jax.device_get(pairs.make_pairs(jax.random.PRNGKey(1), jnp.asarray(ids), task))
@@ -77,6 +78,7 @@ def test_pair_labels_are_balanced_and_segments_contiguous(task):
         assert start + len(second) <= LENGTHS[other]
 
 
+@pytest.mark.slow
 def test_rows_without_a_next_segment_fall_back_to_single_segments():
   ids = single_segment_rows([1, 0, 30, 1], 40)
   built = jax.device_get(pairs.make_pairs(jax.random.PRNGKey(0), jnp.asarray(ids), "nsp"))
@@ -88,6 +90,7 @@ def test_rows_without_a_next_segment_fall_back_to_single_segments():
 
 
 # --- n-gram masking ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ngram_lengths_follow_one_over_n_and_fill_the_budget():
   rng = np.random.default_rng(0)
   B, L2, V = 32, 512, 1000
@@ -186,6 +189,7 @@ def test_training_flops_are_three_forward_passes_of_the_applied_weights():
   assert shared["encoder_matmul_forward"] == 2 * (n_layer_kernels + 128 * 768)
 
 
+@pytest.mark.slow
 def test_model_summary_tool_prints_json():
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_summary.py"),
                         f"--config={os.path.join(EXPERIMENTS, 'albert.py')}", "--vocab_size=30000"],
@@ -229,6 +233,7 @@ def sop_trainers():
           spanlm.Trainer(pair_config("mlm_sop", accum=4), V2, table, mesh))
 
 
+@pytest.mark.slow
 def test_two_term_loss_under_accumulation_equals_the_large_batch(sop_trainers):
   """MLM (per token) + SOP (per row): each term keeps its own global denominator."""
   single, accum = sop_trainers
@@ -247,6 +252,7 @@ def test_two_term_loss_under_accumulation_equals_the_large_batch(sop_trainers):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_pair_objective_learns_and_evaluates(sop_trainers):
   single, _ = sop_trainers
   state = single.init_state()

@@ -78,6 +78,7 @@ def numpy_lamb(params, grads, b1, b2, eps, wd, wd_mask, tr_mask, min_norm=0.0, m
   return w
 
 
+@pytest.mark.slow
 def test_lamb_equals_optax_lamb_when_the_ratio_covers_every_leaf():
   params, grads = make_params(), gradient_sequence(make_params(), 6)
   ours = optim.lamb(lr_at, weight_decay=0.1, weight_decay_mask=optim.decay_mask, trust_ratio_mask=True)
@@ -394,6 +395,7 @@ def test_groups_apply_their_own_optimizer():
   assert {"default/learning_rate", "default/trust_ratio/mean"} <= metrics.keys()
 
 
+@pytest.mark.slow
 def test_trainer_runs_lamb_groups_with_accumulation_and_logs_trust_ratios():
   V, B, L = 1000, 16, 64
   word_table = np.zeros(V, bool)

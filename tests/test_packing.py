@@ -70,6 +70,7 @@ def model_and_params():
   return model, params
 
 
+@pytest.mark.slow
 def test_packed_row_equals_documents_run_alone(model_and_params):
   """Hidden states, MLM and SBO losses of a packed row = those of its documents, one per row."""
   model, params = model_and_params
@@ -144,6 +145,7 @@ def test_masked_spans_stay_inside_their_segment():
       np.testing.assert_array_equal(pack[r, right], pack[r, masked])
 
 
+@pytest.mark.slow
 def test_prepare_packed_corpus_and_train_step(tmp_path):
   """End to end: prepare a corpus of short documents packed, read batches, take a train step."""
   text = open(sample.corpus_files()[0], "rb").read()

@@ -58,6 +58,7 @@ def reference():
 @pytest.mark.parametrize("mesh", [dict(data=1, fsdp=8, model=1), dict(data=2, fsdp=2, model=2),
                                   dict(data=1, fsdp=1, model=8)], ids=lambda m: "x".join(
                                       f"{k}{v}" for k, v in m.items() if v > 1))
+@pytest.mark.slow
 def test_mesh_step_equals_single_device(reference, mesh, capfd):
   _, s1, m1 = reference
   trainer, s8, m8 = one_step(8, **mesh)
@@ -108,6 +109,7 @@ def test_flop_formula_counts_the_models_matmul_weights(reference):
   assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and flops.peak_flops("cpu") is None
 
 
+@pytest.mark.slow
 def test_remat_recomputes_the_same_gradients():
   """config.model.remat trades memory for recomputation; values and gradients are unchanged."""
   import jax.numpy as jnp

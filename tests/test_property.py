@@ -92,6 +92,7 @@ def batches(draw):
 @pytest.mark.parametrize("scheme", ["token", "whole_word", "span"])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ids=batches(), seed=st.integers(0, 2**31 - 1), rate=st.sampled_from([0.15, 0.4]))
+@pytest.mark.slow
 def test_masking_invariants(scheme, ids, seed, rate):
   out = jax.device_get(_masker(scheme, rate)(jax.random.PRNGKey(seed), jnp.asarray(ids)))
   for field in out:

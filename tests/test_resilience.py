@@ -90,6 +90,7 @@ def _run_until_signal(workdir, prepared, sig, rng):
   return proc.returncode, out, err, sent
 
 
+@pytest.mark.slow
 def test_kill9_and_sigterm_at_random_moments_resume_bit_identically(baseline, tmp_path):
   base_dir, prepared, _ = baseline
   expected = inspect_checkpoint.inspect(base_dir, NUM_STEPS)["params_sha256"]
@@ -120,6 +121,7 @@ def test_kill9_and_sigterm_at_random_moments_resume_bit_identically(baseline, tm
     assert got["data"]["iterator"] == {"next_index": NUM_STEPS}
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_counted(baseline):
   """Steps 7 and 8 had NaN gradients: parameters and optimizer state at 8 equal those at 6."""
   base_dir, _, r = baseline
@@ -244,6 +246,7 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     c.save(1, _state(1))
 
 
+@pytest.mark.slow
 def test_inspect_checkpoint_cli(baseline, capsys):
   base_dir, _, _ = baseline
   assert inspect_checkpoint.main([f"--workdir={base_dir}", "--step=10"]) == 0

@@ -165,6 +165,7 @@ def test_attention_probs_and_head_ablation_accept_either_layout(setup):
   assert np.any(np.asarray(scanned["layers"]["attention"]["output"]["kernel"][2, 1]) != 0)
 
 
+@pytest.mark.slow
 def test_hf_round_trip_through_the_scanned_layout(setup):
   """HF tensors -> unrolled -> stacked (scanned model) -> HF gives the same tensors, and a
   scanned model on imported weights computes what the unrolled one does."""
@@ -225,6 +226,7 @@ def test_training_checkpoint_of_the_other_layout_is_converted_on_restore(tmp_pat
 
 
 @pytest.mark.parametrize("name", ["lamb", "lars"])
+@pytest.mark.slow
 def test_trust_ratios_stay_per_layer_when_layers_are_stacked(name):
   """LAMB/LARS are layer-wise: on stacked (scanned) parameters each layer's slice gets its own
   trust ratio, so the update equals the one on the unrolled tree."""

@@ -271,6 +271,7 @@ def tiny_run():
   return finetune, tuner, task, feats
 
 
+@pytest.mark.slow
 def test_one_training_step_and_evaluation(tiny_run):
   finetune, tuner, task, feats = tiny_run
   from spanlm import parallel

@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_inspect_masking_writes_consistent_arrays(tmp_path):
   out = tmp_path / "masking.npz"
   env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
@@ -34,6 +36,7 @@ def test_inspect_masking_writes_consistent_arrays(tmp_path):
   assert "[[" in r.stdout and "example:" in r.stdout
 
 
+@pytest.mark.slow
 def test_readme_notebook_example_runs():
   readme = open(os.path.join(ROOT, "README.md")).read()
   (code,) = re.findall(r"```python\n(import jax, numpy as np, spanlm.*?)```", readme, re.S)

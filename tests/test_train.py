@@ -63,6 +63,7 @@ def assert_trees_close(a, b, atol):
     np.testing.assert_allclose(x, y, atol=atol, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(single):
   assert len(jax.devices()) == 8
   sharded = trainer_on(8, data=4, fsdp=1, model=2)
@@ -81,6 +82,7 @@ def test_sharded_step_equals_single_device(single):
   assert kernel.sharding.shard_shape(kernel.shape) == (kernel.shape[0], kernel.shape[1] // 2)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_large_batch(single):
   c = tiny_config(data=1, fsdp=1, model=1)
   c.train.grad_accum_steps = 4
@@ -91,6 +93,7 @@ def test_gradient_accumulation_equals_the_large_batch(single):
   assert_trees_close(s1.params, s4.params, atol=3e-5)
 
 
+@pytest.mark.slow
 def test_loss_falls_when_fitting_a_batch(single):
   state = single.init_state()
   batch = parallel.global_batch(make_batch(7), single.mesh)
@@ -102,6 +105,7 @@ def test_loss_falls_when_fitting_a_batch(single):
   assert np.isfinite(losses).all()
 
 
+@pytest.mark.slow
 def test_save_restore_gives_identical_next_step(single, tmp_path):
   state, _ = run(single, 2)
   ckpt = Checkpointer(str(tmp_path), async_save=False)
@@ -118,6 +122,7 @@ def test_save_restore_gives_identical_next_step(single, tmp_path):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_eval_is_deterministic_and_counts_predictions(single):
   state = single.init_state()
   batches = [make_batch(1), make_batch(2)]
@@ -132,6 +137,7 @@ def test_eval_is_deterministic_and_counts_predictions(single):
   assert a["eval/perplexity"] == pytest.approx(np.exp(a["eval/mlm_loss"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_unigram_output_bias_starts_the_model_at_the_unigram_baseline(single):
   # A Zipf unigram model (p ∝ 1/rank over the text ids) that is far from the uniform targets of
   # make_batch: its loss on them is ~1 nat above log V, so starting from zero biases cannot pass.
