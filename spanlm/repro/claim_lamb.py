@@ -19,7 +19,6 @@ or when the premise fails (adamw-256 not behind); "not reproduced" when lamb-256
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -69,13 +68,9 @@ def arm_config(arm: str, seed: int, cfg: dict, corpus: str):
 
 
 def read_evals(workdir: str) -> tuple[np.ndarray, dict]:
-  steps, rows = [], []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if "eval/mlm_loss" in r:
-        steps.append(r["step"])
-        rows.append(r)
+  from spanlm.metrics import read_metrics  # local or gs://
+  rows = [r for r in read_metrics(workdir) if "eval/mlm_loss" in r]
+  steps = [r["step"] for r in rows]
   return np.asarray(steps), {k: np.asarray([r[k] for r in rows], float) for k in ("eval/mlm_loss", "eval/mlm_accuracy")}
 
 
