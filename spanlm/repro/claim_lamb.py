@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from spanlm import paths
 from spanlm.repro import report
 
 CONFIG = "experiments/span_bert_lamb.py:tiny"
@@ -70,12 +71,11 @@ def arm_config(arm: str, seed: int, cfg: dict, corpus: str):
 
 def read_evals(workdir: str) -> tuple[np.ndarray, dict]:
   steps, rows = [], []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if "eval/mlm_loss" in r:
-        steps.append(r["step"])
-        rows.append(r)
+  for line in paths.read_text(os.path.join(workdir, "metrics.jsonl")).splitlines():  # local or gs://
+    r = json.loads(line)
+    if "eval/mlm_loss" in r:
+      steps.append(r["step"])
+      rows.append(r)
   return np.asarray(steps), {k: np.asarray([r[k] for r in rows], float) for k in ("eval/mlm_loss", "eval/mlm_accuracy")}
 
 

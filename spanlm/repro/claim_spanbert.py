@@ -156,8 +156,8 @@ def squad_scores(result: dict, workdir: str) -> dict:
   keys = {k.split("/")[-1]: v for k, v in result.items() if isinstance(v, (int, float))}
   if "f1" not in keys:
     path = os.path.join(workdir, "results.json")
-    with open(path) as f:
-      keys = {k.split("/")[-1]: v for k, v in json.load(f).items() if isinstance(v, (int, float))}
+    keys = {k.split("/")[-1]: v for k, v in json.loads(paths.read_text(path)).items()  # local or gs://
+            if isinstance(v, (int, float))}
   if "f1" not in keys:
     raise ValueError(f"no SQuAD f1 in {workdir}/results.json: {sorted(keys)}")
   return {"exact_match": float(keys.get("exact_match", keys.get("exact", np.nan))), "f1": float(keys["f1"])}
