@@ -325,3 +325,42 @@ def test_converted_checkpoint_and_glob_corpus_on_gs(gcs, tmp_path):
     corpus_lib.resolve_files("s3://b/*.txt")
   with pytest.raises(FileNotFoundError, match=r"No files match 'gs://bucket/none/\*\.txt'"):
     corpus_lib.resolve_files("gs://bucket/none/*.txt")
+
+
+@pytest.mark.slow  # ~5 s on 2 cores: a model_summary.py subprocess
+def test_tool_and_report_outputs_on_gs(gcs, tmp_path, monkeypatch):
+  """A gs:// --out of tools/reproduce.py (report.md and its PNGs, through repro.run_claim) and of
+  tools/model_summary.py (its JSON) lands on the server, and nothing in a local folder named `gs:`."""
+  import types
+
+  from etils import epath
+
+  from spanlm import repro
+  from spanlm.repro import report
+
+  monkeypatch.chdir(tmp_path)
+
+  def run(out, smoke=False, log=print):  # a claim without training: one plot and a verdict
+    report.plot_bands(f"{out}/fake_curves.png", {"arm": ([0, 1, 2], [[3.0, 2.0, 1.0], [3.1, 2.2, 1.1]])},
+                      xlabel="step", ylabel="loss", title="fake")
+    return report.Report(claim="fake", title="Fake", statement="s", mirrors="m", settings={"steps": 2},
+                         table=[["arm", "loss"], ["arm", report.pm([1.0, 1.1])]], verdict="inconclusive",
+                         reason="r", figures=["fake_curves.png"])
+
+  monkeypatch.setitem(sys.modules, "fake_claim_for_test_gcs", types.SimpleNamespace(run=run))
+  monkeypatch.setitem(repro.CLAIMS, "fake", "fake_claim_for_test_gcs")
+  rep = repro.run_claim("fake", "gs://bucket/repro/fake", smoke=True)
+  assert epath.Path("gs://bucket/repro/fake/report.md").read_text() == rep.markdown()
+  assert "![fake_curves.png](fake_curves.png)" in rep.markdown()
+  assert epath.Path("gs://bucket/repro/fake/fake_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match=r"^cannot access gs://no-such-bucket/repro .*GOOGLE_APPLICATION_CREDENTIALS"):
+    repro.run_claim("fake", "gs://no-such-bucket/repro")
+
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_summary.py"),
+                      f"--config={ROOT}/experiments/bert.py:tiny", "--out=gs://bucket/summary/tiny.json"],
+                     cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  written = epath.Path("gs://bucket/summary/tiny.json").read_text()
+  assert written == r.stdout[:r.stdout.rindex("}") + 1] + "\n"  # the printed JSON, as a local --out has it
+  assert json.loads(written)["parameters"]["encoder"] > 0
+  assert not os.path.exists(tmp_path / "gs:")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 
 from absl import app, flags
@@ -142,6 +143,13 @@ def run_benchmark(config, batch: int, seq: int, steps: int, warmup: int, vocab_s
 
 def main(argv):
   del argv
+  from spanlm import paths
+  if _OUT.value:
+    try:
+      paths.check_bucket(_OUT.value)  # a bad gs:// bucket: one line now, not after the benchmark
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
   config = _CONFIG.value
   result = run_benchmark(config, _BATCH.value or config.train.batch_size, _SEQ.value or config.train.seq_len,
                          _STEPS.value, _WARMUP.value, _VOCAB.value)
@@ -153,8 +161,7 @@ def main(argv):
     _print_summary(result)
   print(json.dumps(result))
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
+    paths.write_text_atomic(_OUT.value, json.dumps(result, indent=2))  # local or gs://
 
 
 def _print_summary(result):

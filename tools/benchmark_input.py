@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -66,7 +67,14 @@ def parallel_config():
 
 def main(argv):
   del argv
+  from spanlm import paths
   from spanlm.data import prepare
+  if _OUT.value:
+    try:
+      paths.check_bucket(_OUT.value)  # a bad gs:// bucket: one line now, not after the measurement
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
 
   data = _DATA.value
   if data is None:
@@ -81,8 +89,7 @@ def main(argv):
         f"{TARGET_TOKENS_PER_SEC:,.0f}: {'met' if result['meets_target'] else 'NOT met'}")
   print(json.dumps(result))
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
+    paths.write_text_atomic(_OUT.value, json.dumps(result, indent=2))  # local or gs://
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ as JSON and Markdown in --out.
 import glob
 import json
 import os
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from spanlm import fisher as fisher_lib
-from spanlm import parallel, train
+from spanlm import parallel, paths, train
 from spanlm import workdir as workdir_lib
 from spanlm.data import pipeline, sample
 
@@ -62,7 +63,12 @@ def heldout_loss(config, workdir, corpus, data_workdir):
 
 def main(argv):
   del argv
-  out = os.path.abspath(_OUT.value)
+  try:
+    out = str(paths.path(_OUT.value))  # local (made absolute) or gs://
+    paths.check_bucket(out)  # a bad gs:// bucket: one line, before any training
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   corpus_a, corpus_b = _corpora()
   base = _CONFIG.value.copy_and_resolve_references()
   base.data.tokenizer = sample.tokenizer_path()  # one vocabulary for both tasks
@@ -99,10 +105,8 @@ def main(argv):
   summary = {"task_a": corpus_a, "task_b": corpus_b, "steps": [_STEPS.value, _STEPS_B.value or _STEPS.value], "heldout_rows": [n_a, n_b],
              "model": base.model.size, "batch": [base.train.batch_size, base.train.seq_len],
              "fisher": fisher, "rows": rows, "device": jax.devices()[0].device_kind}
-  with open(os.path.join(out, "ewc_two_task.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(out, "ewc_two_task.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
+  paths.write_text_atomic(os.path.join(out, "ewc_two_task.json"), json.dumps(summary, indent=1))
+  paths.write_text_atomic(os.path.join(out, "ewc_two_task.md"), "\n".join(md) + "\n")
   print("\n".join(md))
 
 

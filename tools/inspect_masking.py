@@ -9,13 +9,16 @@ the mask rate, the 80/10/10 split, mean span lengths, and one row with its
 masked spans marked as [[original -> what the model sees]].
 """
 
+import io
 import json
+import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from spanlm import paths
 from spanlm.objectives import masking
 from spanlm.data import prepare
 from spanlm.data.tokenizer import MASK_ID, Tokenizer
@@ -71,6 +74,11 @@ def render(tokenizer, ids, masked_ids, mask) -> str:
 
 def main(argv):
   del argv
+  try:
+    paths.check_bucket(_OUT.value)  # a bad gs:// bucket: one line, before any work
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   config = _CONFIG.value
   seq_len = config.train.seq_len
   data_dir = prepare.ensure_prepared(config.data.corpus, _WORKDIR.value, seq_len,
@@ -87,8 +95,11 @@ def main(argv):
   mask = result.weights > 0
   word_start = np.asarray(masking.word_starts(token_ids, table))
   special = np.asarray(masking.special_mask(token_ids))
-  np.savez_compressed(_OUT.value, token_ids=token_ids, masked_ids=result.input_ids, mask=mask,
+  buf = io.BytesIO()
+  np.savez_compressed(buf, token_ids=token_ids, masked_ids=result.input_ids, mask=mask,
                       word_start=word_start, special=special, span_id=result.span_id)
+  # --out may be a gs:// URL; like np.savez_compressed, a name without .npz gets it.
+  paths.path(_OUT.value if _OUT.value.endswith(".npz") else _OUT.value + ".npz").write_bytes(buf.getvalue())
   summary = summarize(token_ids, result.input_ids, mask, word_start, result.span_id)
   print(f"scheme={config.masking.scheme} rate={config.masking.rate} on {n} rows of {seq_len} tokens "
         f"from {data_dir}")

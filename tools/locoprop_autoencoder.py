@@ -22,6 +22,7 @@ steps, final train loss, wall time) and the loss curves of the best runs.
 import functools
 import json
 import os
+import sys
 import time
 
 import jax
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from spanlm import paths
 from spanlm.optim import locoprop
 
 _OUT = flags.DEFINE_string("out", "locoprop", "Output directory.")
@@ -126,8 +128,13 @@ def describe(method, setting):
 def main(argv):
   del argv
   data = load_digits()
-  out = os.path.abspath(_OUT.value)
-  os.makedirs(out, exist_ok=True)
+  try:
+    out = str(paths.path(_OUT.value))  # local (made absolute) or gs://
+    paths.check_bucket(out)  # a bad gs:// bucket: one line, before any training
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  paths.path(out).mkdir(parents=True, exist_ok=True)
   runs = []
   for method, settings in GRID.items():
     if method.startswith("locoprop") and _SOLVER.value == "rmsprop":
@@ -148,10 +155,9 @@ def main(argv):
           "steps": _STEPS.value, "batch_size": _BATCH.value, "inner_steps": _INNER.value, "eta": _ETA.value,
           "inner_solver": _SOLVER.value,
           "device": jax.devices()[0].device_kind}
-  with open(os.path.join(out, "locoprop_autoencoder.json"), "w") as f:
-    json.dump({"meta": meta, "best": best, "runs": runs}, f, indent=1)
-  with open(os.path.join(out, "locoprop_autoencoder.md"), "w") as f:
-    f.write(table + "\n")
+  paths.write_text_atomic(os.path.join(out, "locoprop_autoencoder.json"),
+                          json.dumps({"meta": meta, "best": best, "runs": runs}, indent=1))
+  paths.write_text_atomic(os.path.join(out, "locoprop_autoencoder.md"), table + "\n")
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -165,7 +171,7 @@ def main(argv):
   ax.set_title("Deep autoencoder 64-128-64-32-8-32-64-128-64 on digits")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "locoprop_autoencoder.png"), dpi=120)
+  paths.write_figure(fig, os.path.join(out, "locoprop_autoencoder.png"), dpi=120)
   print(table)
   print(f"wrote {out}/locoprop_autoencoder.{{json,md,png}}")
 

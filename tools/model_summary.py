@@ -10,11 +10,12 @@ embedding rows are not padded (vocab_multiple=1) unless --padded.
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from spanlm import summary
+from spanlm import paths, summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:preset].", lock_config=True)
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0 = config.data.vocab_size).")
@@ -25,6 +26,12 @@ _TABLE = flags.DEFINE_bool("shapes", False, "Include every parameter's shape in 
 
 def main(argv):
   del argv
+  if _OUT.value:
+    try:
+      paths.check_bucket(_OUT.value)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
   config = _CONFIG.value
   if not _PADDED.value:
     with config.unlocked():
@@ -36,8 +43,7 @@ def main(argv):
   text = json.dumps(out, indent=2)
   print(text)
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      f.write(text + "\n")
+    paths.write_text_atomic(_OUT.value, text + "\n")  # local or gs://
   p, f = out["parameters"], out.get("flops", {})
   print(f"# encoder {p['encoder'] / 1e6:.2f}M (embedding {p['embedding'] / 1e6:.2f}M, "
         f"non-embedding {p['non_embedding'] / 1e6:.2f}M), heads {p['heads'] / 1e6:.2f}M; "

@@ -14,6 +14,8 @@ import importlib
 import os
 import time
 
+from spanlm import paths
+
 # --claim name -> module, or the reason it cannot run yet (with its planned command and budget).
 CLAIMS = {
     "locoprop": "spanlm.repro.claim_locoprop",
@@ -38,7 +40,8 @@ def run_claim(name: str, out: str, *, smoke: bool = False, log=print, glue_dir: 
   if name not in CLAIMS:
     raise ValueError(f"unknown --claim={name!r}; choose one of {sorted(CLAIMS)} "
                      f"(not implemented yet: {sorted(NOT_IMPLEMENTED)})")
-  os.makedirs(out, exist_ok=True)
+  paths.check_bucket(out)  # a gs:// --out: one line now if its bucket cannot be reached
+  paths.path(out).mkdir(parents=True, exist_ok=True)
   start = time.time()
   options = {"glue_dir": glue_dir} if name in NEEDS_GLUE else {}
   rep = importlib.import_module(CLAIMS[name]).run(out, smoke=smoke, log=log, **options)

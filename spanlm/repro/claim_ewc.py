@@ -261,8 +261,7 @@ def build_report(out, cfg, lambdas, at, acc_a, sst_curve, cola, forget, fisher_s
   ax.set_title("EWC lambda sweep: cost on B vs forgetting of A (mean ± std)", fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(f"{out}/ewc_tradeoff.png", dpi=110)
-  plt.close(fig)
+  paths.write_figure(fig, f"{out}/ewc_tradeoff.png", dpi=110)  # local or gs://; closes the figure
   fm = np.asarray(fisher_stats)
   return report.Report(
       claim="ewc", title="EWC: fine-tuning on B forgets less of A",

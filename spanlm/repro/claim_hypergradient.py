@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from spanlm import paths
 from spanlm.repro import digits, report
 
 MODELS = {"logistic regression": (64, 10), "mlp": (64, 100, 100, 10)}
@@ -124,8 +125,7 @@ def run(out: str, *, smoke: bool = False, log=print) -> report.Report:
                         xlabel="step", ylabel="train loss", title=f"{model}: {arm}", logy=True, ax=ax)
     fig.tight_layout()
     name = f"hypergradient_{model.split()[0]}.png"
-    fig.savefig(f"{out}/{name}", dpi=100)
-    plt.close(fig)
+    paths.write_figure(fig, f"{out}/{name}", dpi=100)  # local or gs://; closes the figure
     figures.append(name)
   alpha_rows = [["model", "arm", "alpha_0", "alpha at the end (mean over seeds)"]] + [
       [model, arm, f"{a0:g}", f"{np.mean(m['alpha'][:, -1]):.3g}"]

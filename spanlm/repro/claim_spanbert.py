@@ -155,7 +155,6 @@ def squad_scores(result: dict, workdir: str) -> dict:
   """EM and F1 (0-100) from a finished SQuAD fine-tuning's results (the final params' predictions)."""
   keys = {k.split("/")[-1]: v for k, v in result.items() if isinstance(v, (int, float))}
   if "f1" not in keys:
-    from spanlm import paths
     saved = json.loads(paths.read_text(paths.path(workdir) / "results.json"))  # local or gs://
     keys = {k.split("/")[-1]: v for k, v in saved.items() if isinstance(v, (int, float))}
   if "f1" not in keys:

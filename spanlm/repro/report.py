@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from spanlm import paths
+
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run yet")
 
 
@@ -112,10 +114,9 @@ class Report:
     return "\n".join(lines).rstrip() + "\n"
 
   def write(self, out: str) -> str:
-    os.makedirs(out, exist_ok=True)
+    paths.path(out).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
-      f.write(self.markdown())
+    paths.write_text_atomic(path, self.markdown())  # local or gs://
     return path
 
 
@@ -151,5 +152,4 @@ def plot_bands(path: str | None, curves: dict, *, xlabel: str, ylabel: str, titl
   ax.legend(fontsize=7)
   if own:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    paths.write_figure(fig, path, dpi=110)  # local or gs://; closes the figure
