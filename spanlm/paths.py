@@ -13,6 +13,7 @@ import logging
 import os
 import posixpath
 import re
+import sys
 
 from etils import epath
 
@@ -75,6 +76,18 @@ def check_bucket(url) -> None:
   if not found:
     raise access_error(s, FileNotFoundError(f"bucket {bucket} does not exist or is not visible"))
   _REACHABLE.add(bucket)
+
+
+def check_bucket_or_exit(url) -> None:
+  """`check_bucket` for a command-line tool's flag: a bad URL or an unreachable bucket prints one
+  `error:` line and exits with status 2, before any work. An empty value (flag unset) passes."""
+  if not url:
+    return
+  try:
+    check_bucket(url)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _remote_call(p, fn):

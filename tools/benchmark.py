@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 
 from absl import app, flags
@@ -144,12 +143,7 @@ def run_benchmark(config, batch: int, seq: int, steps: int, warmup: int, vocab_s
 def main(argv):
   del argv
   from spanlm import paths
-  if _OUT.value:
-    try:
-      paths.check_bucket(_OUT.value)  # a bad gs:// bucket: one line now, not after the benchmark
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+  paths.check_bucket_or_exit(_OUT.value)  # a bad gs:// bucket: one line now, not after the benchmark
   config = _CONFIG.value
   result = run_benchmark(config, _BATCH.value or config.train.batch_size, _SEQ.value or config.train.seq_len,
                          _STEPS.value, _WARMUP.value, _VOCAB.value)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -69,12 +68,7 @@ def main(argv):
   del argv
   from spanlm import paths
   from spanlm.data import prepare
-  if _OUT.value:
-    try:
-      paths.check_bucket(_OUT.value)  # a bad gs:// bucket: one line now, not after the measurement
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+  paths.check_bucket_or_exit(_OUT.value)  # a bad gs:// bucket: one line now, not after the measurement
 
   data = _DATA.value
   if data is None:

@@ -16,7 +16,6 @@ as JSON and Markdown in --out.
 import glob
 import json
 import os
-import sys
 
 import jax
 from absl import app, flags
@@ -63,12 +62,8 @@ def heldout_loss(config, workdir, corpus, data_workdir):
 
 def main(argv):
   del argv
-  try:
-    out = str(paths.path(_OUT.value))  # local (made absolute) or gs://
-    paths.check_bucket(out)  # a bad gs:// bucket: one line, before any training
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  paths.check_bucket_or_exit(_OUT.value)  # a bad URL or gs:// bucket: one line, before any training
+  out = str(paths.path(_OUT.value))  # local (made absolute) or gs://
   corpus_a, corpus_b = _corpora()
   base = _CONFIG.value.copy_and_resolve_references()
   base.data.tokenizer = sample.tokenizer_path()  # one vocabulary for both tasks

@@ -11,7 +11,6 @@ masked spans marked as [[original -> what the model sees]].
 
 import io
 import json
-import sys
 
 import jax
 import numpy as np
@@ -74,11 +73,7 @@ def render(tokenizer, ids, masked_ids, mask) -> str:
 
 def main(argv):
   del argv
-  try:
-    paths.check_bucket(_OUT.value)  # a bad gs:// bucket: one line, before any work
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  paths.check_bucket_or_exit(_OUT.value)  # a bad gs:// bucket: one line, before any work
   config = _CONFIG.value
   seq_len = config.train.seq_len
   data_dir = prepare.ensure_prepared(config.data.corpus, _WORKDIR.value, seq_len,

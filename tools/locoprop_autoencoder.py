@@ -22,7 +22,6 @@ steps, final train loss, wall time) and the loss curves of the best runs.
 import functools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -128,12 +127,8 @@ def describe(method, setting):
 def main(argv):
   del argv
   data = load_digits()
-  try:
-    out = str(paths.path(_OUT.value))  # local (made absolute) or gs://
-    paths.check_bucket(out)  # a bad gs:// bucket: one line, before any training
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  paths.check_bucket_or_exit(_OUT.value)  # a bad URL or gs:// bucket: one line, before any training
+  out = str(paths.path(_OUT.value))  # local (made absolute) or gs://
   paths.path(out).mkdir(parents=True, exist_ok=True)
   runs = []
   for method, settings in GRID.items():

@@ -10,7 +10,6 @@ embedding rows are not padded (vocab_multiple=1) unless --padded.
 """
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,12 +25,7 @@ _TABLE = flags.DEFINE_bool("shapes", False, "Include every parameter's shape in 
 
 def main(argv):
   del argv
-  if _OUT.value:
-    try:
-      paths.check_bucket(_OUT.value)
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+  paths.check_bucket_or_exit(_OUT.value)
   config = _CONFIG.value
   if not _PADDED.value:
     with config.unlocked():
