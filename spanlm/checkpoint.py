@@ -82,7 +82,12 @@ def _no_replica_parallel_on_cpu():
     from orbax.checkpoint._src.metadata import array_metadata_store
     handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
                                              use_replica_parallel=False)
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # Orbax warns "... overriding jax.Array": that is this call
+    try:
+      ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+      logging.set_verbosity(level)
 
 
 class Checkpointer:

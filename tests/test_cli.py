@@ -179,7 +179,7 @@ def test_default_verbosity_has_no_library_noise(own_corpus_run):
   r, _ = own_corpus_run
   assert r.returncode == 0 and "tokenizer: read" in r.stderr  # a full run: preparation, training, saving
   for noise in ("Unable to initialize backend", "Downloading and preparing dataset", "Dataset spanlm_corpus",
-                "orbax", "Event loop is closed", "Traceback"):
+                "orbax", "Type handler registry", "Event loop is closed", "Traceback"):
     assert noise not in r.stderr + r.stdout, noise
 
 

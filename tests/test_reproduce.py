@@ -142,6 +142,21 @@ def test_lamb_arms_have_equal_tokens_and_sqrt_scaling():
   np.testing.assert_allclose(c["adamw-256"].optimizer.learning_rate / c["adamw-32"].optimizer.learning_rate, 8 ** 0.5)
   assert c["lamb-256"].optimizer.name == "lamb" and c["adamw-256"].optimizer.name == "adamw"
   assert all(x.schedule.warmup_steps == x.train.num_steps // 5 for x in c.values())
+  assert all(x.model.output_bias_init == "unigram" for x in c.values())  # every arm starts at the baseline
+
+
+def test_lamb_verdict_needs_the_reference_off_the_unigram_plateau():
+  from spanlm.repro import claim_lamb
+  seeds = lambda m: np.array([m - 0.01, m, m + 0.01])
+  unigram = np.full(3, 6.5)
+  # adamw-32 3% below the baseline: on the plateau, whatever the arms do.
+  v, why = claim_lamb.verdict({"adamw-32": seeds(6.305), "adamw-256": seeds(6.5), "lamb-256": seeds(6.3)}, unigram)
+  assert v == "inconclusive" and "3.0% below" in why
+  off = {"adamw-32": seeds(5.9), "adamw-256": seeds(6.2)}  # 9.2% below; adamw-256 behind
+  assert claim_lamb.verdict({**off, "lamb-256": seeds(5.9)}, unigram)[0] == "reproduced"
+  assert claim_lamb.verdict({**off, "lamb-256": seeds(6.1)}, unigram)[0] == "not reproduced"
+  v, why = claim_lamb.verdict({**off, "adamw-256": seeds(5.9), "lamb-256": seeds(5.9)}, unigram)
+  assert v == "inconclusive" and "premise" in why
 
 
 def test_mapnet_arms_differ_only_in_the_proposal_mix():

@@ -20,6 +20,8 @@ def test_inspect_masking_writes_consistent_arrays(tmp_path):
                       "--num_sequences=64", f"--out={out}", f"--workdir={tmp_path}/work"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
+  for noise in ("Unable to initialize backend", "Generating dataset", "Done writing"):  # library INFO lines
+    assert noise not in r.stderr, noise
   summary = json.loads(r.stdout.strip().splitlines()[-1])
   z = np.load(out)
   assert {"token_ids", "masked_ids", "mask", "word_start", "special"} <= set(z.files)

@@ -141,6 +141,8 @@ def run_benchmark(config, batch: int, seq: int, steps: int, warmup: int, vocab_s
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   from spanlm import paths
   paths.check_bucket_or_exit(_OUT.value)  # a bad gs:// bucket: one line now, not after the benchmark

@@ -65,6 +65,8 @@ def parallel_config():
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   from spanlm import paths
   from spanlm.data import prepare

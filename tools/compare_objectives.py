@@ -28,6 +28,8 @@ _FT_MAX = flags.DEFINE_integer("max_train_examples", 0, "Cap on SST-2 training r
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   unknown = [n for n in _OBJ.value if n not in compare.OBJECTIVES]
   if unknown:

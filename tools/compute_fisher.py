@@ -29,6 +29,8 @@ _OUT = flags.DEFINE_string("out", "", "Output .npz (default WORKDIR/ewc/fisher.n
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   if _NUM.value < 1 or _CHUNK.value < 1:
     raise app.UsageError("--num_examples and --chunk must be positive")

@@ -27,6 +27,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Texts per forward pass.")
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   import numpy as np
 

@@ -61,6 +61,8 @@ def heldout_loss(config, workdir, corpus, data_workdir):
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   paths.check_bucket_or_exit(_OUT.value)  # a bad URL or gs:// bucket: one line, before any training
   out = str(paths.path(_OUT.value))  # local (made absolute) or gs://

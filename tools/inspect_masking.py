@@ -72,6 +72,8 @@ def render(tokenizer, ids, masked_ids, mask) -> str:
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   paths.check_bucket_or_exit(_OUT.value)  # a bad gs:// bucket: one line, before any work
   config = _CONFIG.value

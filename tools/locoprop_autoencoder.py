@@ -125,6 +125,8 @@ def describe(method, setting):
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   data = load_digits()
   paths.check_bucket_or_exit(_OUT.value)  # a bad URL or gs:// bucket: one line, before any training

@@ -39,6 +39,8 @@ _SCHEDULE = flags.DEFINE_enum("schedule", "triangular", ["triangular", "triangul
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   from spanlm import workdir as workdir_lib
   from spanlm.data import pipeline

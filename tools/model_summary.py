@@ -24,6 +24,8 @@ _TABLE = flags.DEFINE_bool("shapes", False, "Include every parameter's shape in 
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   paths.check_bucket_or_exit(_OUT.value)
   config = _CONFIG.value

@@ -17,6 +17,8 @@ _LABELS = flags.DEFINE_list("labels", None, "Legend names, one per WORKDIR (defa
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   from spanlm import paths
   from spanlm.metrics import plot_curves
   workdirs = argv[1:]

@@ -16,6 +16,8 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "A tiny budget that only checks the p
 
 
 def main(argv):
+  from spanlm.metrics import quiet_library_logs
+  quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   try:
     rep = repro.run_claim(_CLAIM.value, _OUT.value, smoke=_SMOKE.value, glue_dir=_GLUE_DIR.value, log=lambda s: print(s, flush=True))
