@@ -22,10 +22,11 @@ run is complete, results.json, the best params' predictions on
 
 A run never starts over and never destroys work. Rerunning the same command
 continues from the checkpoint (same batches, same dropout: the epoch's row order
-is a function of (seed, epoch) and step t's key is fold_in(rng, t)), or, when
-results.json says the run is complete, says so and returns without training. A
-config that differs from the workdir's config.json (other than
-`RESUMABLE_CHANGES`) is refused before anything is written. SIGTERM and SIGINT
+is a function of (seed, epoch), with group_by_length also of the rows' lengths,
+and step t's key is fold_in(rng, t)), or, when results.json says the run is
+complete, says so and returns without training. A config that differs from the
+workdir's config.json (other than `RESUMABLE_CHANGES`) is refused before
+anything is written. SIGTERM and SIGINT
 (Ctrl-C) finish the step in flight, write a checkpoint and return.
 """
 
