@@ -22,10 +22,11 @@ run is complete, results.json, the best params' predictions on
 
 A run never starts over and never destroys work. Rerunning the same command
 continues from the checkpoint (same batches, same dropout: the epoch's row order
-is a function of (seed, epoch) and step t's key is fold_in(rng, t)), or, when
-results.json says the run is complete, says so and returns without training. A
-config that differs from the workdir's config.json (other than
-`RESUMABLE_CHANGES`) is refused before anything is written. SIGTERM and SIGINT
+is a function of (seed, epoch), with group_by_length also of the rows' lengths,
+and step t's key is fold_in(rng, t)), or, when results.json says the run is
+complete, says so and returns without training. A config that differs from the
+workdir's config.json (other than `RESUMABLE_CHANGES`) is refused before
+anything is written. SIGTERM and SIGINT
 (Ctrl-C) finish the step in flight, write a checkpoint and return.
 """
 
@@ -57,6 +58,8 @@ from spanlm.train import TrainState, state_layout
 # Fields that may differ between invocations of one run: they change neither the
 # trained parameters nor the schedule.
 RESUMABLE_CHANGES = ("train.stop_at_step", "train.log_every", "finetune.eval_batch_size")
+# Fields added after runs were written: a config.json without one ran as this value says.
+ADDED_FIELDS = {"finetune.group_by_length": False}
 
 
 def finetune_config(task: str = "") -> ml_collections.ConfigDict:
@@ -80,6 +83,8 @@ def finetune_config(task: str = "") -> ml_collections.ConfigDict:
     c.finetune.evals_per_epoch = 1  # dev evaluations per epoch (the best one is kept)
     c.finetune.length_buckets = 4  # pad each batch to the shortest of seq_len, seq_len/2, /4, ... (this
     #                                many lengths, >= 16) that holds its longest row (1 = always seq_len)
+    c.finetune.group_by_length = False  # train on batches of rows of similar length (shuffled mega-batches
+    #                                     of 50 batches sorted by length), so more batches fit a short bucket
     c.optimizer.layer_decay = 1.0  # layer-wise LR decay d (ELECTRA): lr * d^(L+2-depth), 1 = off
     c.optimizer.bias_correction = True  # adam/adamw: False = BERT's Adam (no bias correction)
   c.model.dropout_rate = 0.1
@@ -111,6 +116,11 @@ def validate(config) -> None:
     fail("config.finetune.eval_batch_size and evals_per_epoch must be positive")
   if not isinstance(f.get("length_buckets", 1), int) or f.get("length_buckets", 1) < 1:
     fail(f"config.finetune.length_buckets={f.get('length_buckets')!r} must be a positive integer")
+  if not isinstance(f.get("group_by_length", False), bool):
+    fail(f"config.finetune.group_by_length={f.get('group_by_length')!r} must be True or False")
+  if f.get("group_by_length", False) and f.get("length_buckets", 1) == 1:
+    fail("config.finetune.group_by_length=True needs length_buckets > 1 (with one bucket every batch is "
+         "padded to seq_len, so grouping gains nothing); set length_buckets=4 or group_by_length=False")
   if config.train.seq_len > config.model.max_position_embeddings:
     fail(f"config.train.seq_len={config.train.seq_len} exceeds max_position_embeddings="
          f"{config.model.max_position_embeddings}")
@@ -124,6 +134,9 @@ def validate(config) -> None:
     fail(f"config.optimizer.layer_decay={d} must be in (0, 1] (1 = off; ELECTRA uses 0.8 for Base)")
   from spanlm import tasks
   tasks.validate_config(config)
+  if f.get("group_by_length", False) and not tasks.get_task(config.task.name, config).length_keys:
+    fail(f"config.finetune.group_by_length=True, but task {config.task.name!r} has no length_keys (its "
+         f"batches are always padded to seq_len); set group_by_length=False")
 
 
 # --- the encoder to start from -------------------------------------------------------------------
@@ -274,7 +287,7 @@ class Finetuner:
     """The batch cut to the shortest bucket length that holds its longest row (task.length_keys)."""
     if len(self.buckets) == 1:
       return batch
-    longest = int(batch["attention_mask"].sum(axis=1).max())
+    longest = int(row_lengths(batch).max())
     length = next(b for b in self.buckets if b >= longest)
     if length == self.buckets[-1]:
       return batch
@@ -328,7 +341,7 @@ class Finetuner:
     n = len(features)
     order = np.arange(n)
     if len(self.buckets) > 1 and "attention_mask" in features.arrays:
-      order = np.argsort(-features.arrays["attention_mask"].sum(axis=1), kind="stable")
+      order = np.argsort(-row_lengths(features.arrays), kind="stable")
     progress = Progress(f"{name}: predicting", n, "rows") if name else None
     chunks = []
     for start in range(0, n, b):
@@ -345,6 +358,11 @@ class Finetuner:
     inverse = np.empty(n, np.int64)
     inverse[order] = np.arange(n)
     return jax.tree.map(lambda x: x[inverse], ordered)
+
+
+def row_lengths(arrays: dict[str, np.ndarray]) -> np.ndarray:
+  """Non-pad tokens per row (the attention mask's sum): what length buckets and grouping go by."""
+  return np.asarray(arrays["attention_mask"]).sum(axis=1)
 
 
 def _rows(arrays, idx, size):
@@ -386,7 +404,7 @@ def _flat(tree, prefix="") -> dict:
 
 def config_changes(old: dict, new: dict) -> list[str]:
   """'key: old -> new' for every field that differs, except RESUMABLE_CHANGES."""
-  a, b = _flat(old), _flat(new)
+  a, b = {**ADDED_FIELDS, **_flat(old)}, {**ADDED_FIELDS, **_flat(new)}
   return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
 
@@ -422,6 +440,49 @@ def _order(seed: int, epoch: int, n: int, batch: int) -> np.ndarray:
   """The row order of `epoch`: a function of (seed, epoch) only, so a resumed run sees the same batches."""
   order = np.random.default_rng([seed, epoch]).permutation(n)
   return np.resize(order, batch) if n < batch else order  # fewer rows than a batch: repeat them
+
+
+MEGA_BATCH = 50  # group_by_length sorts runs of this many batches by length
+
+
+def _grouped_order(seed: int, epoch: int, lengths: np.ndarray, batch: int,
+                   mega: int = MEGA_BATCH) -> np.ndarray:
+  """The row order of `epoch` with finetune.group_by_length: rows of similar length share a batch.
+
+  A function of (seed, epoch, lengths) only, so a resumed run sees the same batches. It rearranges
+  `_order`'s rows: the rows one epoch trains on (its first steps * batch) are cut into runs of `mega`
+  batches, each run sorted by length (longest first) and cut into batches; the batches are shuffled
+  and the one with the longest row goes first, so an out-of-memory shows at step 1. The rows left
+  over after the last full batch stay at the end, so an epoch trains on the same rows as without
+  grouping.
+  """
+  lengths = np.asarray(lengths)
+  order = _order(seed, epoch, len(lengths), batch)
+  used = (len(order) // batch) * batch
+  batches = []
+  for start in range(0, used, mega * batch):
+    run = order[start:min(start + mega * batch, used)]
+    run = run[np.argsort(-lengths[run], kind="stable")]
+    batches += [run[i:i + batch] for i in range(0, len(run), batch)]
+  perm = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+  batches = [batches[i] for i in perm]
+  first = int(np.argmax([lengths[rows].max() for rows in batches]))
+  batches[0], batches[first] = batches[first], batches[0]
+  return np.concatenate(batches + [order[used:]])
+
+
+def _bucket_shares(buckets, order, lengths, batch: int, steps: int) -> dict[int, float]:
+  """Bucket length -> share of the first `steps` batches of `order` that it is the bucket of."""
+  counts = dict.fromkeys(buckets, 0)
+  for pos in range(steps):
+    longest = int(lengths[order[pos * batch:(pos + 1) * batch]].max())
+    counts[next(x for x in buckets if x >= longest)] += 1
+  return {k: v / steps for k, v in counts.items()}
+
+
+def _describe_shares(shares: dict[int, float]) -> str:
+  return (", ".join(f"{k}: {v:.0%}" for k, v in shares.items())
+          + f", mean padded length {sum(k * v for k, v in shares.items()):.1f}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -478,6 +539,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "mesh %s", task.name, n_params / 1e6, len(train_data), num_steps, steps_per_epoch, b,
                seq_len, f", {tuner.accum} micro-batches" if tuner.accum > 1 else "",
                f", length buckets {tuner.buckets}" if len(tuner.buckets) > 1 else "", dict(tuner.mesh.shape))
+  group = bool(config.finetune.get("group_by_length", False))
+  lengths = row_lengths(train_data.arrays) if group else None
+  if group:  # this epoch's batches per bucket, grouped and as random batches would be
+    epoch0 = start // steps_per_epoch
+    grouped = _bucket_shares(tuner.buckets, _grouped_order(config.seed, epoch0, lengths, b), lengths, b,
+                             steps_per_epoch)
+    plain = _bucket_shares(tuner.buckets, _order(config.seed, epoch0, len(train_data), b), lengths, b,
+                           steps_per_epoch)
+    logging.info("group_by_length: training batches per bucket %s (random batches: %s)",
+                 _describe_shares(grouped), _describe_shares(plain))
   wd.config_file.write_text(config.to_json_best_effort(indent=2))
   trim_metrics(wd.root, start)
 
@@ -487,6 +558,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_points = {int(round(steps_per_epoch * (i + 1) / config.finetune.evals_per_epoch))
                  for i in range(config.finetune.evals_per_epoch)}
   history, tick, tick_step, step, preempted = [], time.time(), start, start, False
+  order_epoch, order = None, None
 
   def save(step):
     tree = {"train": state, "best": best_params if best_params is not None else state.params}
@@ -496,7 +568,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for step in range(start + 1, last + 1):
       epoch, pos = divmod(step - 1, steps_per_epoch)
-      order = _order(config.seed, epoch, len(train_data), b)
+      if epoch != order_epoch:
+        order_epoch = epoch
+        order = _grouped_order(config.seed, epoch, lengths, b) if group else \
+            _order(config.seed, epoch, len(train_data), b)
       batch = tuner.fit(_rows(train_data.arrays, order[pos * b:(pos + 1) * b], b))
       state, metrics = tuner.train_step(state, parallel.global_batch(batch, tuner.mesh))
       history.append(metrics)

@@ -1,6 +1,7 @@
 """The fine-tuning loop: resume after Ctrl-C equals an uninterrupted run, reruns never destroy work,
 a changed config is refused, gradient accumulation equals the large batch, length buckets equal
-full padding, layer-wise LR decay and BERT's Adam against hand computations."""
+full padding, group_by_length's order (a rearrangement of the epoch, shorter buckets, resumable),
+layer-wise LR decay and BERT's Adam against hand computations."""
 
 import json
 import os
@@ -184,6 +185,87 @@ def test_length_buckets_give_the_same_outputs_and_steps(tuners):
   _, m1 = full.train_step(full.init_state(0), parallel.global_batch(batch, full.mesh))
   _, m2 = bucketed.train_step(bucketed.init_state(0), parallel.global_batch(bucketed.fit(batch), full.mesh))
   np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+
+
+# --- group_by_length -------------------------------------------------------------------------------
+def test_grouped_order_rearranges_the_plain_epoch_deterministically():
+  lengths = np.random.default_rng(0).integers(5, 65, 1000)  # 31 batches of 32, 8 rows left over
+  b, used = 32, 992
+  grouped, plain = finetune._grouped_order(3, 0, lengths, b), finetune._order(3, 0, 1000, b)
+  np.testing.assert_array_equal(np.sort(grouped[:used]), np.sort(plain[:used]))  # the epoch's rows, once each
+  np.testing.assert_array_equal(grouped[used:], plain[used:])  # the same rows left over
+  np.testing.assert_array_equal(finetune._grouped_order(3, 0, lengths, b), grouped)  # (seed, epoch) decide
+  assert not np.array_equal(finetune._grouped_order(3, 1, lengths, b), grouped)
+  assert not np.array_equal(finetune._grouped_order(4, 0, lengths, b), grouped)
+  longest = [int(lengths[grouped[i:i + b]].max()) for i in range(0, used, b)]
+  assert longest[0] == lengths.max()  # the longest batch first: an out-of-memory shows at step 1
+  assert longest[1:] != sorted(longest[1:]) and longest[1:] != sorted(longest[1:], reverse=True)  # shuffled
+  spread = [int(np.ptp(lengths[grouped[i:i + b]])) for i in range(0, used, b)]
+  assert max(spread) <= 8  # 31 batches in one run of 50 sorted by length: neighbours in length share a batch
+
+
+def test_grouped_batches_fit_shorter_buckets():
+  lengths = np.random.default_rng(0).integers(5, 65, 3200)  # 100 batches of 32, lengths 5..64
+  b, buckets = 32, finetune.bucket_lengths(64, 4)
+  assert buckets == [16, 32, 64]
+
+  def padded(order):  # each batch's bucket, computed here rather than by finetune
+    return [min(x for x in buckets if x >= lengths[order[i:i + b]].max()) for i in range(0, 3200, b)]
+
+  plain, grouped = padded(finetune._order(0, 0, 3200, b)), padded(finetune._grouped_order(0, 0, lengths, b))
+  assert np.mean(plain) == 64.0  # 32 random rows nearly always hold one longer than 32 tokens
+  assert np.mean(grouped) == 47.04  # 18 batches at 16, 26 at 32, 56 at 64
+  assert [grouped.count(x) for x in buckets] == [18, 26, 56]
+  assert finetune._bucket_shares(buckets, finetune._grouped_order(0, 0, lengths, b), lengths, b, 100) == \
+      {16: 0.18, 32: 0.26, 64: 0.56}
+
+
+def test_group_by_length_is_refused_where_it_cannot_help(sst):
+  c = finetune.finetune_config("squad")
+  c.finetune.group_by_length = True
+  with pytest.raises(ValueError, match="task 'squad' has no length_keys .*set group_by_length=False"):
+    finetune.validate(c)
+  c = _config(sst)
+  c.finetune.group_by_length, c.finetune.length_buckets = True, 1
+  with pytest.raises(ValueError, match="needs length_buckets > 1"):
+    finetune.validate(c)
+  old = json.loads(finetune.finetune_config().to_json_best_effort())
+  del old["finetune"]["group_by_length"]  # a config.json written before the field existed still resumes
+  assert finetune.config_changes(old, json.loads(finetune.finetune_config().to_json_best_effort())) == []
+
+
+@pytest.mark.slow
+def test_a_resumed_grouped_run_continues_with_the_same_batches(sst, monkeypatch):
+  c = _config(sst)
+  c.finetune.group_by_length, c.train.seq_len = True, 32  # buckets [16, 32]; rows of 5..26 tokens
+  c.task.eval_split = c.task.predict_split = ""  # training only: seconds
+  seen, init, lines, info = [], finetune.Finetuner.__init__, [], finetune.logging.info
+
+  def recording_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    step = self.train_step
+    self.train_step = lambda state, batch: (seen.append(np.asarray(batch["input_ids"])), step(state, batch))[1]
+
+  monkeypatch.setattr(finetune.Finetuner, "__init__", recording_init)
+  monkeypatch.setattr(finetune.logging, "info", lambda msg, *a, **k: (lines.append(str(msg) % a if a else str(msg)),
+                                                                     info(msg, *a, **k)))
+  workdir = str(sst / "grouped")
+  c.train.stop_at_step = 4
+  assert finetune.run(c, workdir)["stopped_at_step"]
+  c.train.stop_at_step = 0
+  assert finetune.run(c, workdir)["complete"]
+  assert sum(x.startswith("group_by_length: training batches per bucket 16: ") for x in lines) == 2
+  feats = get_task("sst2", c).load("train", WordPieceTokenizer(VOCAB), 32)
+  lengths = finetune.row_lengths(feats.arrays)
+  want = []
+  for epoch in range(2):  # 96 rows, 6 batches of 16 per epoch
+    order = finetune._grouped_order(c.seed, epoch, lengths, 16)
+    want += [order[i:i + 16] for i in range(0, 96, 16)]
+  assert len(seen) == 12
+  for got, rows in zip(seen, want):  # each batch: the grouped order's rows, cut to their bucket
+    assert got.shape[1] == (16 if lengths[rows].max() <= 16 else 32)
+    np.testing.assert_array_equal(got, feats.arrays["input_ids"][rows][:, :got.shape[1]])
+  assert {g.shape[1] for g in seen} == {16, 32}  # grouping put some batches in the short bucket
 
 
 # --- optimizers ------------------------------------------------------------------------------------

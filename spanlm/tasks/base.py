@@ -31,7 +31,8 @@ checkpoints) is shared. A task:
       where their files go under the workdir.
   `length_keys` names the arrays whose second axis is the sequence: a task whose
   outputs have no sequence axis (GLUE) may list them, and the loop then pads each
-  batch only to the shortest of a few lengths that holds it (config.finetune.length_buckets).
+  batch only to the shortest of a few lengths that holds it (config.finetune.length_buckets;
+  config.finetune.group_by_length batches rows of similar length).
   `optimizer(config, num_steps)` may return an optax transformation to replace
   the default (e.g. BERTSUM's separate schedules for the encoder and the new
   layers via `optax.multi_transform`); None means `spanlm.optim.make_optimizer`.
