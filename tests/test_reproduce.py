@@ -178,6 +178,8 @@ def test_mapnet_verdict_needs_the_uniform_arm_off_the_unigram_plateau():
   assert v == "inconclusive" and "3.0% below" in why
   # The rule reads the uniform arm: mapnet 9.2% below the baseline does not make uniform's 3% enough.
   assert claim_mapnet.verdict({"mapnet": seeds(5.9), "uniform": seeds(6.305)}, unigram, quieter)[0] == "inconclusive"
+  v, why = claim_mapnet.verdict({"mapnet": seeds(5.9), "uniform": seeds(6.565)}, unigram, quieter)
+  assert v == "inconclusive" and "1.0% above the unigram baseline" in why  # above it: said so, not "-1.0% below"
   off = seeds(5.9)  # uniform 9.2% below the baseline
   assert claim_mapnet.verdict({"mapnet": seeds(5.8), "uniform": off}, unigram, quieter)[0] == "reproduced"
   assert claim_mapnet.verdict({"mapnet": seeds(6.0), "uniform": off}, unigram, quieter)[0] == "not reproduced"

@@ -79,8 +79,9 @@ def verdict(final: dict[str, np.ndarray], unigram: np.ndarray, variance: dict[st
   c = report.compare(final["mapnet"], final["uniform"])
   lower_var = all(m < u for m, u in zip(variance["mapnet"], variance["uniform"]))
   if below < LEFT_PLATEAU:
-    v, why = "inconclusive", (f"the uniform arm is only {100 * below:.1f}% below the unigram baseline "
-                              f"(needs {100 * LEFT_PLATEAU:.0f}%): still on the unigram plateau")
+    where = f"only {100 * below:.1f}% below" if below >= 0 else f"{-100 * below:.1f}% above"
+    v, why = "inconclusive", (f"the uniform arm is {where} the unigram baseline (needs {100 * LEFT_PLATEAU:.0f}% "
+                              f"below): still on the unigram plateau")
   elif c == "worse" or not lower_var:
     v, why = "not reproduced", "uniform masking is as good or better on loss or variance"
   elif c == "better":
