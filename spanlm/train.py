@@ -32,7 +32,6 @@ from spanlm import checkpoint as ckpt_lib
 from spanlm import configs, parallel, resilience
 from spanlm.objectives import base as pretraining
 from spanlm.objectives import masking
-from spanlm.objectives.mlm import MaskedLM
 from spanlm.metrics import MetricsWriter, plot_curves, trim_metrics, unigram_neg_log_probs
 from spanlm.models.heads import BertForPretraining
 from spanlm.optim import ewc, make_optimizer, opt_state_shardings, optimizer_metrics
@@ -243,17 +242,27 @@ class Trainer:
       raise ValueError("no held-out batches to evaluate")
     sums, den = jax.device_get(totals)
     result = self.objective.eval_metrics(sums, den)
-    if self.unigram_nll is not None and isinstance(self.objective, MaskedLM):
+    if self.unigram_nll is not None and self.has_unigram_baseline:
       result["eval/unigram_mlm_loss"] = self._unigram_loss(batches, key, global_batch_size)
     return result
 
   unigram_nll = None  # -log p(v) of the training rows' unigram model (metrics.unigram_neg_log_probs)
 
+  @property
+  def has_unigram_baseline(self) -> bool:
+    """Whether the objective names its held-out MLM targets (`Objective.eval_targets`): MLM, its
+    pair/distillation variants and MAPNet do; ELECTRA does not."""
+    return type(self.objective).eval_targets is not pretraining.Objective.eval_targets
+
   def _unigram_loss(self, batches, key, global_batch_size: int | None = None) -> float:
-    """The unigram model's loss on the same held-out masked targets as `evaluate` (same keys)."""
+    """The unigram model's loss on the same held-out masked targets as `evaluate` (same keys), with
+    the same weights and denominator as the objective's eval/mlm_loss (`Objective.eval_targets`)."""
     def sums(batch, rng, nll):
       p = self._prepare(rng, batch)
-      return jnp.sum(jnp.where(p["weights"] > 0, nll[p["targets"]], 0.0)), jnp.sum(p["weights"])
+      targets, weights = self.objective.eval_targets(p)
+      # where(): ids the unigram model never predicts have nll inf; they only stand at weight 0.
+      return (jnp.sum(jnp.where(weights > 0, weights * nll[targets], 0.0)),
+              self.objective.denominators(p)["num_predictions"])
     if not hasattr(self, "_unigram_jit"):
       self._unigram_jit = jax.jit(sums)
     total = np.zeros(2)

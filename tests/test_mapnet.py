@@ -168,3 +168,85 @@ def test_mapnet_tiny_recipe_trains():
   assert hist[0]["proposal_loss"] > 0 and 0.5 < hist[0]["weight_mean"] < 1.5
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params["proposal"], before)
   assert max(jax.tree.leaves(moved)) > 0  # the proposal is trained jointly (by its loss)
+
+
+@pytest.fixture(scope="module")
+def tiny_trainer():
+  """experiments/mapnet.py:tiny cut to 1 layer, rows of 32 tokens, a 64-id vocabulary."""
+  import os
+
+  import spanlm
+  from spanlm import parallel
+
+  c = spanlm.load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "mapnet.py:tiny"))
+  c.train.batch_size, c.train.seq_len = 4, 32
+  c.model.vocab_multiple, c.model.num_layers, c.mesh.data = 8, 1, 1
+  table = np.zeros(64, bool)
+  table[5:] = True
+  return spanlm.Trainer(c, 64, table, parallel.make_mesh(c.mesh, jax.devices()[:1]))
+
+
+def constant_rows():
+  """Row r is [CLS], `length[r]` copies of id `token[r]`, [SEP], padding: whichever positions the
+  held-out masks pick, every target of row r is token[r], and the row has its BERT budget of
+  them: min(5, max(1, round(0.15 * non-padding tokens))) = 5, 3, 2, 1 for 32, 20, 12, 7 tokens."""
+  token, length = [7, 20, 33, 60], [30, 18, 10, 5]
+  ids = np.zeros((4, 32), np.int32)
+  for r, (t, n) in enumerate(zip(token, length)):
+    ids[r, 0], ids[r, 1:n + 1], ids[r, n + 1] = 2, t, 3
+  return {"input_ids": ids, "segment_ids": np.zeros_like(ids)}, np.array(token), np.array([5, 3, 2, 1])
+
+
+@pytest.mark.slow
+def test_mapnet_logs_the_unigram_baseline_of_its_held_out_targets(tiny_trainer):
+  # A hand-made unigram table: -log p of id v is v / 10 (inf for [PAD]/[CLS]/[SEP], never targets).
+  nll = np.arange(64, dtype=np.float32) / 10
+  nll[[0, 2, 3]] = np.inf
+  batch, token, budget = constant_rows()
+  state = tiny_trainer.init_state()
+  tiny_trainer.unigram_nll = nll
+  try:
+    result = tiny_trainer.evaluate(state.params, [batch])
+  finally:
+    tiny_trainer.unigram_nll = None
+  assert result["eval/num_predictions"] == budget.sum() == 11
+  # The mean over the 11 held-out targets (every weight 1 at evaluation), not over the 4 rows (2.9).
+  expected = np.sum(budget * nll[token]) / budget.sum()  # (5*0.7 + 3*2.0 + 2*3.3 + 6.0) / 11 = 2.009
+  assert result["eval/unigram_mlm_loss"] == pytest.approx(expected, rel=1e-6)
+  assert "eval/unigram_mlm_loss" not in tiny_trainer.evaluate(state.params, [batch])  # no table, no baseline
+
+
+@pytest.mark.slow
+def test_unigram_output_bias_init_sets_mapnets_mlm_bias_only(tiny_trainer):
+  from spanlm.train import unigram_output_biases
+  rng = np.random.default_rng(0)
+  nll = np.full(64, np.inf, np.float32)
+  nll[5:] = -np.log(rng.dirichlet(np.full(59, 0.3)))  # far from uniform
+  nll[[1, 4]] = 20.0  # [UNK], [MASK]: finite, rare
+  before = jax.device_get(tiny_trainer.init_state().params)
+  state = unigram_output_biases(tiny_trainer.init_state(), nll)
+  after = jax.device_get(state.params)
+  np.testing.assert_allclose(after["mlm_bias"][5:64], -nll[5:], rtol=1e-6)
+  assert np.all(after["mlm_bias"][[0, 2, 3]] == -20.0)  # the least frequent id's value
+  changed = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(after)
+             if not np.array_equal(a, _leaf(before, p))]
+  assert changed == ["['mlm_bias']"], changed  # the proposal network and the encoder untouched
+  # With the head's LayerNorm scale at 0 the logits are the biases alone: the model *is* the unigram
+  # model, so its held-out loss equals the baseline, target for target and weight for weight.
+  # Random rows: which positions the held-out masks pick now matters.
+  after["mlm_transform"]["norm"]["scale"] = np.zeros_like(after["mlm_transform"]["norm"]["scale"])
+  ids = rng.integers(5, 64, size=(4, 32)).astype(np.int32)
+  ids[:, 0], ids[:, -1], ids[1, 20:], ids[1, 19] = 2, 3, 0, 3
+  batch = {"input_ids": ids, "segment_ids": np.zeros_like(ids)}
+  tiny_trainer.unigram_nll = nll
+  try:
+    result = tiny_trainer.evaluate(after, [batch])
+  finally:
+    tiny_trainer.unigram_nll = None
+  assert result["eval/mlm_loss"] == pytest.approx(result["eval/unigram_mlm_loss"], rel=1e-5)
+
+
+def _leaf(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree

@@ -165,3 +165,26 @@ def test_mapnet_arms_differ_only_in_the_proposal_mix():
   assert (a["mapnet"]["uniform_mix"], b["mapnet"]["uniform_mix"]) == (0.1, 1.0)
   a["mapnet"].pop("uniform_mix"), b["mapnet"].pop("uniform_mix")
   assert a == b and a["objective"]["name"] == "mapnet"
+  assert (a["model"]["output_bias_init"], a["model"]["num_heads"]) == ("unigram", 4)  # both arms: a == b
+
+
+def test_mapnet_verdict_needs_the_uniform_arm_off_the_unigram_plateau():
+  from spanlm.repro import claim_mapnet
+  seeds = lambda m: np.array([m - 0.01, m, m + 0.01])
+  unigram = np.full(3, 6.5)
+  quieter = {"mapnet": [1.0, 1.1, 0.9], "uniform": [2.0, 2.1, 1.9]}  # mapnet's variance lower on every seed
+  # uniform 3% below the baseline: on the plateau, even with mapnet ahead on loss and variance.
+  v, why = claim_mapnet.verdict({"mapnet": seeds(6.0), "uniform": seeds(6.305)}, unigram, quieter)
+  assert v == "inconclusive" and "3.0% below" in why
+  # The rule reads the uniform arm: mapnet 9.2% below the baseline does not make uniform's 3% enough.
+  assert claim_mapnet.verdict({"mapnet": seeds(5.9), "uniform": seeds(6.305)}, unigram, quieter)[0] == "inconclusive"
+  v, why = claim_mapnet.verdict({"mapnet": seeds(5.9), "uniform": seeds(6.565)}, unigram, quieter)
+  assert v == "inconclusive" and "1.0% above the unigram baseline" in why  # above it: said so, not "-1.0% below"
+  off = seeds(5.9)  # uniform 9.2% below the baseline
+  assert claim_mapnet.verdict({"mapnet": seeds(5.8), "uniform": off}, unigram, quieter)[0] == "reproduced"
+  assert claim_mapnet.verdict({"mapnet": seeds(6.0), "uniform": off}, unigram, quieter)[0] == "not reproduced"
+  noisier_once = {"mapnet": [1.0, 2.2, 0.9], "uniform": [2.0, 2.1, 1.9]}  # higher on one seed
+  v, why = claim_mapnet.verdict({"mapnet": seeds(5.8), "uniform": off}, unigram, noisier_once)
+  assert v == "not reproduced" and "lower on every seed: False" in why
+  v, why = claim_mapnet.verdict({"mapnet": seeds(5.895), "uniform": off}, unigram, quieter)
+  assert v == "inconclusive" and "tie" in why

@@ -139,6 +139,16 @@ class Objective:
   def loss(self, sums, den):
     raise NotImplementedError
 
+  def eval_targets(self, prepared):
+    """(targets, weights), each [B, P], of the held-out MLM loss on the `prepare`d batch `prepared`:
+    eval/mlm_loss is Σ weights · CE(targets) / denominators(prepared)['num_predictions'].
+
+    The Trainer scores the unigram model on exactly these targets with the same weights
+    (eval/unigram_mlm_loss, `Trainer._unigram_loss`). None (this default) for an objective whose
+    held-out loss is not such an MLM loss: it then logs no unigram baseline.
+    """
+    return None
+
   def metrics(self, sums, den) -> dict:
     raise NotImplementedError
 

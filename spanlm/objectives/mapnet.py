@@ -213,10 +213,21 @@ class Mapnet(pretraining.Objective):
     masked = jax.tree.map(lambda x: x[:, 0], masked)
     return prop, selected, log_pi, weights, masked
 
-  def sums(self, params, mb, rng, deterministic, frozen=None):
+  def _predictions(self, params, mb, deterministic):
+    """`select`'s masks gathered to the P predicted positions per row, and each one's loss weight
+    iw (the importance weight; 1 when evaluating, 0 at padding)."""
     prop, selected, log_pi, weights, masked = self.select(params, mb, deterministic)
     preds = objectives.select_predictions(masked, self.num_predictions)
     iw = jax.lax.stop_gradient(jnp.take_along_axis(weights, preds.positions, axis=1)) * preds.weights
+    return prop, selected, log_pi, masked, preds, iw
+
+  def eval_targets(self, prepared):
+    """The held-out loss's targets and weights: uniform masks (no parameters needed), every weight 1."""
+    _, _, _, _, preds, iw = self._predictions(None, prepared, deterministic=True)
+    return preds.targets, iw
+
+  def sums(self, params, mb, rng, deterministic, frozen=None):
+    prop, selected, log_pi, masked, preds, iw = self._predictions(params, mb, deterministic)
     outputs = self.model.apply(
         {"params": params}, masked.input_ids, mb["segment_ids"], mb["attention_mask"], preds.positions,
         deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})

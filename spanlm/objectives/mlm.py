@@ -57,6 +57,9 @@ class MaskedLM(Objective):
                 targets=preds.targets, weights=preds.weights, left=preds.left, right=preds.right,
                 sbo_weights=preds.sbo_weights, **{k: batch[k] for k in packed_keys() if k in batch})
 
+  def eval_targets(self, prepared):
+    return prepared["targets"], prepared["weights"]
+
   def denominators(self, prepared):
     return {"num_predictions": jnp.sum(prepared["weights"]),
             "num_sbo_targets": jnp.sum(prepared["sbo_weights"]),

@@ -11,14 +11,25 @@ arms, the same steps, data and seeds:
   uniform   config.mapnet.uniform_mix = 1.0: the proposal is the uniform distribution, every
             weight is 1 — uniform masking through the same code path, parameters and FLOPs
 
+Both arms start their MLM output bias at the training rows' log unigram frequencies
+(model.output_bias_init=unigram; the proposal network is not touched) and use 4 heads of 32, as
+the lamb claim and the quick start (experiments/span_bert.py:tiny) do: the first version of this
+claim, with zero biases and 2 heads of 64, left the uniform arm on the unigram plateau after 700
+steps (held-out accuracy 0.121, docs/reproductions.md), where no masking claim can show.
+Held-out loss on the whole held-out split, under uniform masks for both arms (the objective's
+evaluation), so both arms at a seed are scored on the same targets.
+
 Gradient variance (measured): at each mapnet run's final parameters, on one fixed held-out batch,
 K mask draws per arm; each draw's encoder gradient is read through the Trainer with the optimizer
 replaced by SGD at rate 1 (params - new params = gradient); the variance is
 E_k ||g_k - mean_k g||^2 over the encoder's parameters, reported relative to ||mean g||^2.
-Verdict rule: "reproduced" when mapnet's held-out MLM loss beats uniform's
-(spanlm.repro.report.compare) and its gradient variance is lower on every seed; "not reproduced"
-when uniform's loss is better or mapnet's variance is higher on a seed; "inconclusive" when the
-uniform arm's held-out MLM accuracy stays under 0.15 (the unigram plateau) or the losses tie.
+
+Verdict rule (`verdict`): "inconclusive" when the uniform arm's held-out MLM loss is not at least
+5% below the unigram baseline of the same held-out targets (eval/unigram_mlm_loss: it has not left
+the plateau); then "not reproduced" when uniform's loss is better (spanlm.repro.report.compare,
+2 standard errors, lower is better) or mapnet's gradient variance is not lower on every seed;
+"reproduced" when mapnet's loss is better and its variance lower on every seed; otherwise
+"inconclusive" (the losses tie).
 """
 
 from __future__ import annotations
@@ -32,9 +43,12 @@ from spanlm.repro.claim_lamb import read_evals
 
 CONFIG = "experiments/mapnet.py:tiny"
 ARMS = {"mapnet": 0.1, "uniform": 1.0}  # arm -> config.mapnet.uniform_mix
-PLATEAU_ACCURACY = 0.15
-# 700 steps x 4,096 tokens per run, 6 runs + 3 x 2 x 16 gradient probes: ~18 min on 2 idle cores.
-# Shrunk from 3000 steps (est. >= 75 min) to fit the 30-minute bound.
+LEFT_PLATEAU = 0.05  # the uniform arm's held-out MLM loss at least this fraction below the unigram baseline
+# 700 steps x 4,096 tokens per run, 6 runs + 3 x 2 x 16 gradient probes. Shrunk from 3000 steps
+# (est. >= 75 min) aiming at the 30-minute bound, but the last full run (zero biases, 2 heads of 64)
+# took 41.2 min with the 2 cores shared with test runs; its per-run times were not recorded, so
+# there is no measured idle-core time for this budget. 4 heads of 32 have the parameters and
+# matmul FLOPs of 2 of 64; the unigram start adds no training work.
 FULL = dict(steps=700, evals=7, seeds=3, draws=16)
 SHRUNK_FROM = "3000 steps per run (est. >= 75 min on 2 idle cores)"
 SMOKE = dict(steps=8, evals=2, seeds=2, draws=3)
@@ -52,7 +66,30 @@ def arm_config(arm: str, seed: int, cfg: dict, corpus: str):
   c.train.log_every = c.train.eval_every
   c.train.checkpoint_every = cfg["steps"]
   c.schedule.warmup_steps = max(cfg["steps"] // 10, 1)
+  c.model.output_bias_init = "unigram"  # both arms start at the unigram baseline (module docstring)
+  c.model.num_heads = 4
   return c
+
+
+def verdict(final: dict[str, np.ndarray], unigram: np.ndarray, variance: dict[str, list]) -> tuple[str, str]:
+  """The rule of the module docstring on the final held-out MLM losses per arm ([seeds] each), the
+  unigram baseline of the uniform arm's held-out targets ([seeds]) and the relative gradient
+  variance per arm (one per seed)."""
+  below = 1 - np.mean(final["uniform"]) / np.mean(unigram)
+  c = report.compare(final["mapnet"], final["uniform"])
+  lower_var = all(m < u for m, u in zip(variance["mapnet"], variance["uniform"]))
+  if below < LEFT_PLATEAU:
+    where = f"only {100 * below:.1f}% below" if below >= 0 else f"{-100 * below:.1f}% above"
+    v, why = "inconclusive", (f"the uniform arm is {where} the unigram baseline (needs {100 * LEFT_PLATEAU:.0f}% "
+                              f"below): still on the unigram plateau")
+  elif c == "worse" or not lower_var:
+    v, why = "not reproduced", "uniform masking is as good or better on loss or variance"
+  elif c == "better":
+    v, why = "reproduced", "lower held-out loss and lower gradient variance"
+  else:
+    v, why = "inconclusive", "the held-out losses tie at this number of seeds"
+  return v, (f"{why}: held-out loss mapnet vs uniform {c} (2 standard errors); "
+             f"gradient variance lower on every seed: {lower_var}")
 
 
 def gradient_variance(workdir: str, cfg: dict, corpus: str, seed: int) -> dict:
@@ -123,21 +160,13 @@ def run(out: str, *, smoke: bool = False, log=print) -> report.Report:
     results[arm] = (steps, {k: np.stack([c[k] for c in curves]) for k in curves[0]})
   final = {a: r[1]["eval/mlm_loss"][:, -1] for a, r in results.items()}
   acc = {a: r[1]["eval/mlm_accuracy"][:, -1] for a, r in results.items()}
-  c = report.compare(final["mapnet"], final["uniform"])
-  lower_var = all(m < u for m, u in zip(variance["mapnet"], variance["uniform"]))
-  if np.mean(acc["uniform"]) < PLATEAU_ACCURACY:
-    verdict, why = "inconclusive", f"the uniform arm is still on the unigram plateau (accuracy < {PLATEAU_ACCURACY})"
-  elif c == "worse" or not lower_var:
-    verdict, why = "not reproduced", "uniform masking is as good or better on loss or variance"
-  elif c == "better":
-    verdict, why = "reproduced", "lower held-out loss and lower gradient variance"
-  else:
-    verdict, why = "inconclusive", "the held-out losses tie at this number of seeds"
-  reason = f"{why}: held-out loss mapnet vs uniform {c}; gradient variance lower on every seed: {lower_var}"
-  table = [["arm", "uniform_mix", f"held-out MLM loss at step {cfg['steps']}", "held-out MLM accuracy",
-            "relative gradient variance (at mapnet's final params)"]]
+  unigram = {a: r[1]["eval/unigram_mlm_loss"][:, -1] for a, r in results.items()}
+  verdict_, reason = verdict(final, unigram["uniform"], variance)
+  table = [["arm", "uniform_mix", f"held-out MLM loss at step {cfg['steps']}", "below the unigram baseline",
+            "held-out MLM accuracy", "relative gradient variance (at mapnet's final params)"]]
   for a, mix in ARMS.items():
-    table.append([a, mix, report.pm(final[a]), report.pm(acc[a]), report.pm(variance[a], 4)])
+    table.append([a, mix, report.pm(final[a]), report.pm(100 * (1 - final[a] / unigram[a]), 1) + "%",
+                  report.pm(acc[a]), report.pm(variance[a], 4)])
   report.plot_bands(f"{out}/mapnet_heldout.png", {a: (s, m["eval/mlm_loss"]) for a, (s, m) in results.items()},
                     xlabel="step", ylabel="held-out MLM loss", title="BERT-tiny, MAPNet vs uniform masks")
   return report.Report(
@@ -146,6 +175,10 @@ def run(out: str, *, smoke: bool = False, log=print) -> report.Report:
                 "at equal steps than uniform masking.",
       mirrors="MAPNet's variance-reduction claim (Chen et al.), on the tiny model",
       settings={"config": CONFIG, "steps": cfg["steps"], "seeds": cfg["seeds"],
-                "budget": f"shrunk to fit 30 min on 2 idle cores; the first design was {SHRUNK_FROM}", "mask draws": cfg["draws"],
-                "held-out": "the whole held-out split", "verdict rule": "see spanlm/repro/claim_mapnet.py"},
-      table=table, verdict=verdict, reason=reason, figures=["mapnet_heldout.png"])
+                "budget": f"shrunk aiming at 30 min on 2 idle cores (not measured: the last full run took 41.2 min on "
+                          f"shared cores); the first design was {SHRUNK_FROM}", "mask draws": cfg["draws"],
+                "output biases": "both arms start at the training rows' log unigram frequencies "
+                                 "(model.output_bias_init=unigram); 4 heads of 32",
+                "held-out": "the whole held-out split, uniform masks, both arms the same targets",
+                "verdict rule": "see spanlm/repro/claim_mapnet.py"},
+      table=table, verdict=verdict_, reason=reason, figures=["mapnet_heldout.png"])
