@@ -26,7 +26,7 @@ split by article (`squad.split_by_article`, 80/20 by sha1(title), of the reconst
 official rules) on the first `eval_questions` questions of the held-out articles.
 
 Verdict rule (fixed before the run): "inconclusive at this budget" when the token arm's held-out MLM
-accuracy is under 0.15 (the unigram plateau, as for lamb and mapnet) or either arm's mean SQuAD F1 is
+accuracy is under 0.15 (the unigram plateau; lamb and mapnet now read it as 5% below the unigram baseline instead) or either arm's mean SQuAD F1 is
 under 15 (no reading comprehension to compare); otherwise "reproduced" when span+SBO's F1 beats the
 token arm's (spanlm.repro.report.compare, 2 standard errors), "not reproduced" when it is worse or no
 better in mean, "inconclusive" otherwise.

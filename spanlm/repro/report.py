@@ -43,6 +43,25 @@ def pm(values: Sequence[float], digits: int = 3) -> str:
   return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+LEFT_PLATEAU = 0.05  # off the unigram plateau: held-out MLM loss at least this fraction below the unigram baseline
+
+
+def below_unigram(loss, unigram) -> str:
+  """'mean ± std%' over seeds of how far each held-out MLM loss is below its unigram baseline."""
+  return pm(100 * (1 - np.asarray(loss, float) / np.asarray(unigram, float)), 1) + "%"
+
+
+def plateau_reason(arm: str, loss, unigram) -> str | None:
+  """Why `arm` is still on the unigram plateau (its mean held-out MLM loss less than LEFT_PLATEAU
+  below the mean unigram baseline of the same targets), or None when it has left it."""
+  below = 1 - np.mean(loss) / np.mean(unigram)
+  if below >= LEFT_PLATEAU:
+    return None
+  where = f"only {100 * below:.1f}% below" if below >= 0 else f"{-100 * below:.1f}% above"
+  return (f"{arm} is {where} the unigram baseline (needs {100 * LEFT_PLATEAU:.0f}% below): "
+          f"still on the unigram plateau")
+
+
 def compare(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool = False, z: float = 2.0) -> str:
   """'better' | 'worse' | 'tie' for arm a against arm b (see the module docstring)."""
   a, b = np.asarray(a, float), np.asarray(b, float)
