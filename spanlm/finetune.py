@@ -287,8 +287,7 @@ class Finetuner:
     """The batch cut to the shortest bucket length that holds its longest row (task.length_keys)."""
     if len(self.buckets) == 1:
       return batch
-    longest = int(row_lengths(batch).max())
-    length = next(b for b in self.buckets if b >= longest)
+    length = bucket_for(self.buckets, int(row_lengths(batch).max()))
     if length == self.buckets[-1]:
       return batch
     return {k: (v[:, :length] if k in self.task.length_keys else v) for k, v in batch.items()}
@@ -471,12 +470,16 @@ def _grouped_order(seed: int, epoch: int, lengths: np.ndarray, batch: int,
   return np.concatenate(batches + [order[used:]])
 
 
+def bucket_for(buckets: list[int], longest: int) -> int:
+  """The shortest of `buckets` (ascending) that holds a row of `longest` tokens."""
+  return next(b for b in buckets if b >= longest)
+
+
 def _bucket_shares(buckets, order, lengths, batch: int, steps: int) -> dict[int, float]:
   """Bucket length -> share of the first `steps` batches of `order` that it is the bucket of."""
   counts = dict.fromkeys(buckets, 0)
   for pos in range(steps):
-    longest = int(lengths[order[pos * batch:(pos + 1) * batch]].max())
-    counts[next(x for x in buckets if x >= longest)] += 1
+    counts[bucket_for(buckets, int(lengths[order[pos * batch:(pos + 1) * batch]].max()))] += 1
   return {k: v / steps for k, v in counts.items()}
 
 
@@ -541,11 +544,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                f", length buckets {tuner.buckets}" if len(tuner.buckets) > 1 else "", dict(tuner.mesh.shape))
   group = bool(config.finetune.get("group_by_length", False))
   lengths = row_lengths(train_data.arrays) if group else None
+  order_epoch, order = None, None
   if group:  # this epoch's batches per bucket, grouped and as random batches would be
-    epoch0 = start // steps_per_epoch
-    grouped = _bucket_shares(tuner.buckets, _grouped_order(config.seed, epoch0, lengths, b), lengths, b,
-                             steps_per_epoch)
-    plain = _bucket_shares(tuner.buckets, _order(config.seed, epoch0, len(train_data), b), lengths, b,
+    order_epoch = start // steps_per_epoch
+    order = _grouped_order(config.seed, order_epoch, lengths, b)  # the loop's first epoch uses it
+    grouped = _bucket_shares(tuner.buckets, order, lengths, b, steps_per_epoch)
+    plain = _bucket_shares(tuner.buckets, _order(config.seed, order_epoch, len(train_data), b), lengths, b,
                            steps_per_epoch)
     logging.info("group_by_length: training batches per bucket %s (random batches: %s)",
                  _describe_shares(grouped), _describe_shares(plain))
@@ -558,7 +562,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_points = {int(round(steps_per_epoch * (i + 1) / config.finetune.evals_per_epoch))
                  for i in range(config.finetune.evals_per_epoch)}
   history, tick, tick_step, step, preempted = [], time.time(), start, start, False
-  order_epoch, order = None, None
 
   def save(step):
     tree = {"train": state, "best": best_params if best_params is not None else state.params}
