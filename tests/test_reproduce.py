@@ -188,3 +188,23 @@ def test_mapnet_verdict_needs_the_uniform_arm_off_the_unigram_plateau():
   assert v == "not reproduced" and "lower on every seed: False" in why
   v, why = claim_mapnet.verdict({"mapnet": seeds(5.895), "uniform": off}, unigram, quieter)
   assert v == "inconclusive" and "tie" in why
+
+
+def test_a_preempted_run_stops_the_claim(monkeypatch):
+  """A claim's run that stopped on SIGTERM/SIGINT (checkpoint written, result marked "preempted")
+  must not be read as finished: before, the mapnet claim scored a run stopped at step 309 of 700."""
+  from spanlm import train
+  from spanlm.repro import runs
+  calls = []
+
+  def fake(config, workdir):
+    calls.append(workdir)
+    return {"step": 309, "preempted": True} if workdir.endswith("b") else {"step": 700}
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  assert runs.train_runs([(None, "/x/a")], 1) == [{"step": 700}]
+  with pytest.raises(runs.Preempted, match=r"/x/b stopped at step 309 .*rerun the same command"):
+    runs.train_runs([(None, "/x/a"), (None, "/x/b"), (None, "/x/c")], 1)
+  assert calls == ["/x/a", "/x/a", "/x/b"]  # nothing after the preempted run
+  assert runs.default_workers(1) == 1
+  assert runs.default_workers(6) == min(6, os.cpu_count())  # CPU backend: one process per core

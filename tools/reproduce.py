@@ -12,6 +12,8 @@ _CLAIM = flags.DEFINE_string("claim", None, f"One of {sorted(repro.CLAIMS)}.", r
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _GLUE_DIR = flags.DEFINE_string("glue_dir", "", "GLUE's TSV folders (SST-2/, CoLA/, ...) for --claim=ewc; "
                                 "default $GLUE_DIR.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Pretraining runs trained side by side, each in its own process "
+                                "(lamb, mapnet); 0: one per CPU core on CPU, 1 on an accelerator.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "A tiny budget that only checks the pipeline (verdict meaningless).")
 
 
@@ -19,10 +21,17 @@ def main(argv):
   from spanlm.metrics import quiet_library_logs
   quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
+  from spanlm.repro.runs import Preempted
+  if _WORKERS.value < 0:
+    raise SystemExit(f"error: --workers={_WORKERS.value} must be 0 (one per CPU core) or a positive number")
   try:
-    rep = repro.run_claim(_CLAIM.value, _OUT.value, smoke=_SMOKE.value, glue_dir=_GLUE_DIR.value, log=lambda s: print(s, flush=True))
+    rep = repro.run_claim(_CLAIM.value, _OUT.value, smoke=_SMOKE.value, glue_dir=_GLUE_DIR.value,
+                          workers=_WORKERS.value, log=lambda s: print(s, flush=True))
   except (ValueError, NotImplementedError) as e:
     raise SystemExit(f"error: {e}")
+  except Preempted as e:  # like spanlm.main: a preempted run checkpoints and exits 0
+    print(f"stopped: {e}", flush=True)
+    return
   print(f"verdict: {rep.verdict}. {rep.reason}")
   print(f"wrote {_OUT.value}/report.md ({rep.seconds / 60:.1f} min)")
 

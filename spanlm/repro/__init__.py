@@ -27,14 +27,16 @@ CLAIMS = {
     "spanbert": "spanlm.repro.claim_spanbert",
 }
 NEEDS_GLUE = ("ewc",)
+PARALLEL_RUNS = ("lamb", "mapnet")  # claims whose pretraining runs go side by side (spanlm.repro.runs)
 NOT_IMPLEMENTED = {
 }
 
 
-def run_claim(name: str, out: str, *, smoke: bool = False, log=print, glue_dir: str = ""):
+def run_claim(name: str, out: str, *, smoke: bool = False, log=print, glue_dir: str = "", workers: int = 0):
   """Run one claim end to end, write OUT/report.md and OUT/*.png; returns the Report.
 
-  `glue_dir` (GLUE's TSV folders) is passed to the claims that fine-tune on GLUE (ewc)."""
+  `glue_dir` (GLUE's TSV folders) is passed to the claims that fine-tune on GLUE (ewc); `workers`
+  (0: one per CPU core on CPU, 1 on an accelerator) to the claims of PARALLEL_RUNS."""
   if name in NOT_IMPLEMENTED:
     raise NotImplementedError(f"--claim={name} is not implemented yet: {NOT_IMPLEMENTED[name]}")
   if name not in CLAIMS:
@@ -44,7 +46,10 @@ def run_claim(name: str, out: str, *, smoke: bool = False, log=print, glue_dir: 
   paths.path(out).mkdir(parents=True, exist_ok=True)
   start = time.time()
   options = {"glue_dir": glue_dir} if name in NEEDS_GLUE else {}
-  rep = importlib.import_module(CLAIMS[name]).run(out, smoke=smoke, log=log, **options)
+  workers_ = {"workers": workers} if name in PARALLEL_RUNS else {}
+  rep = importlib.import_module(CLAIMS[name]).run(out, smoke=smoke, log=log, **options, **workers_)
+  rep.settings["runs"] = (f"{workers} at a time" if workers else "side by side, one process per CPU core "
+                          "(one at a time on an accelerator)") if name in PARALLEL_RUNS else "one at a time"
   rep.seconds = time.time() - start
   rep.command = (f"python tools/reproduce.py --claim={name} --out={out}"
                  + "".join(f" --{k}={v}" for k, v in options.items()) + (" --smoke" if smoke else ""))
