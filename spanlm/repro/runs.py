@@ -42,6 +42,9 @@ def _train(config, workdir: str, prefix: bool) -> dict:
   from spanlm.metrics import quiet_library_logs
   quiet_library_logs()
   if prefix:  # a spawned worker: absl's handler, as under app.run, and the run's name on each line
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # no "Logging before flag parsing" line: the parent parsed them
     root = std_logging.getLogger()
     for h in list(root.handlers):
       root.removeHandler(h)
