@@ -4,6 +4,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -260,10 +261,14 @@ def test_rows_are_packed_and_lossless(prepared, small_corpus, tok):
   assert stats["tokens_per_sec"] > 0 and stats["files_read"] == 4
 
 
-def test_single_document_has_validation(tmp_path):
+def test_single_document_has_validation_and_leaves_no_temporary_folders(tmp_path, monkeypatch):
   path = write(tmp_path / "one.txt", ("Just one short book about nothing at all. " * 30).encode())
+  temp = tmp_path / "system_tmp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))  # TFDS left an empty tmp*tfds folder per run
   stats = prepare_corpus(path, sample.tokenizer_path(), str(tmp_path / "out"), SEQ_LEN)
   assert stats["validation_rows"] == 1 and stats["train_rows"] >= 1
+  assert list(temp.iterdir()) == []
 
 
 def test_prepare_skip_mode_and_overwrite_rules(prepared, small_corpus, tmp_path):

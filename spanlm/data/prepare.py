@@ -70,6 +70,14 @@ _ENCODE_CHUNK = 4096  # Paragraphs per multi-threaded encode_batch call.
 _PREPARE_HINT = "Create one with: python tools/prepare_corpus.py --input=GLOB --tokenizer=SP.model --out=DIR"
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """A dataset that is never in TFDS's gs://tfds-data bucket: TFDS's `initialize_from_bucket` (called
+  for every new builder) made an empty /tmp/tmp*tfds folder on each call and never removed it."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class SpanlmCorpus(tfds.core.GeneratorBasedBuilder):
   """Writes already packed rows; reading goes through `tfds.builder_from_directory`."""
 
@@ -91,7 +99,7 @@ class SpanlmCorpus(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     row = tfds.features.Tensor(shape=(self._seq_len,), dtype=np.int32)
     names = next(iter(self._rows.values())).keys()
-    return tfds.core.DatasetInfo(
+    return _LocalInfo(
         builder=self,
         description="spanlm pretraining rows: [CLS] tokens [SEP] [PAD]...",
         features=tfds.features.FeaturesDict({name: row for name in names}),
