@@ -8,7 +8,8 @@ Many tests build the same tiny model in new objects (and the CLI tests in new pr
 JAX's in-memory cache cannot share; the persistent cache, keyed by the compiled program, can. It
 lives in a fresh temporary folder per run (set SPANLM_TEST_JAX_CACHE to keep one across runs), so
 the suite's time is what a fresh clone sees. The multi-process tests do not use it (it deadlocked
-gloo's start-up when one process loaded the other's program). Also here: the `gcs` fixture.
+gloo's start-up when one process loaded the other's program). Also here: the `gcs` fixture, and
+`cli_no_plot` for the tests that start `python -m spanlm.main` subprocesses.
 """
 import atexit
 import os
@@ -34,6 +35,21 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the ru
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def cli_no_plot(tmp_path_factory):
+  """Environment entries for a `python -m spanlm.main` subprocess whose curves PNG is not what the
+  test checks: a PYTHONPATH whose first entry is a `matplotlib` that raises ImportError, so the run
+  logs one line instead of drawing curves.png (~3 s of CPU per run; spanlm.metrics.plot_curves).
+  tests/test_cli.py keeps one run that draws it and checks the PNG."""
+  stub = tmp_path_factory.mktemp("no_matplotlib")
+  (stub / "matplotlib").mkdir()
+  (stub / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by tests/conftest.py')\n")
+  return {"PYTHONPATH": os.pathsep.join([str(stub), ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -36,16 +36,14 @@ FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pass
 
 
 @pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
+def cli_env(tmp_path_factory, cli_no_plot):
   """The environment of the CLI runs: cheap XLA CPU compiles, one shared persistent compilation
-  cache, and no matplotlib (the curves PNG costs 3 s per run and is not what this tests)."""
+  cache, and no matplotlib (conftest.py's cli_no_plot: the curves PNG is not what this tests)."""
   base = tmp_path_factory.mktemp("cli")
-  (base / "stub" / "matplotlib").mkdir(parents=True)
-  (base / "stub" / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by tests/test_gcs.py')\n")
   return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA}",
           "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-          "PYTHONPATH": os.pathsep.join([str(base / "stub"), ROOT, os.environ.get("PYTHONPATH", "")])}
+          **cli_no_plot}
 
 
 def _env(extra=None):

@@ -45,8 +45,11 @@ def _inspect_tool():
 inspect_checkpoint = _inspect_tool()
 
 
-def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")  # one CPU device, as a user has (conftest.py: level 0)
+def _env(extra):
+  """One CPU device, as a user has, and XLA's cheap CPU compile options (conftest.py: level 0), the
+  same in every run; `extra`: conftest.py's cli_no_plot (no curves PNG, which nothing here checks)."""
+  return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+              **extra)
 
 
 def _cmd(workdir, *args):
@@ -59,10 +62,10 @@ def _committed(workdir):
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
+def baseline(tmp_path_factory, cli_no_plot):
   """An uninterrupted run (it also prepares the data the other runs reuse)."""
   workdir = tmp_path_factory.mktemp("baseline")
-  r = subprocess.run(_cmd(workdir, "--config.train.keep_checkpoints=100"), cwd=ROOT, env=_env(),
+  r = subprocess.run(_cmd(workdir, "--config.train.keep_checkpoints=100"), cwd=ROOT, env=_env(cli_no_plot),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   prepared = glob.glob(os.path.join(workdir, "data", "*"))
@@ -70,12 +73,12 @@ def baseline(tmp_path_factory):
   return workdir, prepared[0], r
 
 
-def _run_until_signal(workdir, prepared, sig, rng):
+def _run_until_signal(workdir, prepared, sig, rng, env):
   """Start a run, wait for a checkpoint newer than those on disk, then `sig` it at a random moment."""
   before = _committed(workdir)
   os.makedirs(workdir, exist_ok=True)
   logs = [open(os.path.join(workdir, f"{sig.name}.{name}"), "w+") for name in ("out", "err")]
-  proc = subprocess.Popen(_cmd(workdir, f"--config.data.corpus={prepared}"), cwd=ROOT, env=_env(),
+  proc = subprocess.Popen(_cmd(workdir, f"--config.data.corpus={prepared}"), cwd=ROOT, env=env,
                           stdout=logs[0], stderr=logs[1], text=True)  # files: a full pipe would stall it
   deadline = time.time() + 300
   while (not _committed(workdir) or _committed(workdir) == before) and proc.poll() is None:
@@ -91,26 +94,26 @@ def _run_until_signal(workdir, prepared, sig, rng):
 
 
 @pytest.mark.slow
-def test_kill9_and_sigterm_at_random_moments_resume_bit_identically(baseline, tmp_path):
+def test_kill9_and_sigterm_at_random_moments_resume_bit_identically(baseline, tmp_path, cli_no_plot):
   base_dir, prepared, _ = baseline
   expected = inspect_checkpoint.inspect(base_dir, NUM_STEPS)["params_sha256"]
   rng = random.Random(int(os.environ.get("SPANLM_KILL_SEED", time.time())))
   for trial in range(int(os.environ.get("SPANLM_KILL_TRIALS", 1))):
     workdir = tmp_path / f"trial{trial}"
     # SIGKILL: no chance to clean up; whatever is on disk must be restorable or ignored.
-    rc, _, err, sent = _run_until_signal(workdir, prepared, signal.SIGKILL, rng)
+    rc, _, err, sent = _run_until_signal(workdir, prepared, signal.SIGKILL, rng, _env(cli_no_plot))
     assert rc == (-signal.SIGKILL if sent else 0), err[-3000:]
     killed_at = [line.split("step ")[1].split("/")[0] for line in err.splitlines() if "| loss" in line][-1:]
     on_disk = (_committed(workdir), sorted(os.listdir(workdir / "checkpoints")))
     # SIGTERM (preemption): finish the step, checkpoint it, exit 0.
-    rc, out, err, sent = _run_until_signal(workdir, prepared, signal.SIGTERM, rng)
+    rc, out, err, sent = _run_until_signal(workdir, prepared, signal.SIGTERM, rng, _env(cli_no_plot))
     assert rc == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     if sent and not result.get("complete") and result["step"] < NUM_STEPS:
       assert result.get("preempted") and "preemption signal (SIGTERM)" in err
       assert _committed(workdir)[-1] == result["step"]  # the checkpoint is at the step reached
     # Rerun the same command to the end.
-    r = subprocess.run(_cmd(workdir, f"--config.data.corpus={prepared}"), cwd=ROOT, env=_env(),
+    r = subprocess.run(_cmd(workdir, f"--config.data.corpus={prepared}"), cwd=ROOT, env=_env(cli_no_plot),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = inspect_checkpoint.inspect(workdir, NUM_STEPS)
