@@ -48,8 +48,9 @@ def run_claim(name: str, out: str, *, smoke: bool = False, log=print, glue_dir: 
   options = {"glue_dir": glue_dir} if name in NEEDS_GLUE else {}
   workers_ = {"workers": workers} if name in PARALLEL_RUNS else {}
   rep = importlib.import_module(CLAIMS[name]).run(out, smoke=smoke, log=log, **options, **workers_)
-  rep.settings["runs"] = (f"{workers} at a time" if workers else "side by side, one process per CPU core "
-                          "(one at a time on an accelerator)") if name in PARALLEL_RUNS else "one at a time"
+  if name in PARALLEL_RUNS:
+    rep.settings["runs"] = (f"{workers} at a time" if workers else "side by side, one process per CPU core "
+                            "(one at a time on an accelerator)")
   rep.seconds = time.time() - start
   rep.command = (f"python tools/reproduce.py --claim={name} --out={out}"
                  + "".join(f" --{k}={v}" for k, v in options.items()) + (" --smoke" if smoke else ""))
