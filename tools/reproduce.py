@@ -13,7 +13,7 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _GLUE_DIR = flags.DEFINE_string("glue_dir", "", "GLUE's TSV folders (SST-2/, CoLA/, ...) for --claim=ewc; "
                                 "default $GLUE_DIR.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Pretraining runs trained side by side, each in its own process "
-                                "(lamb, mapnet); 0: one per CPU core on CPU, 1 on an accelerator.")
+                                "(lamb, mapnet); 0: one per CPU core on CPU, 1 on an accelerator.", lower_bound=0)
 _SMOKE = flags.DEFINE_bool("smoke", False, "A tiny budget that only checks the pipeline (verdict meaningless).")
 
 
@@ -22,8 +22,6 @@ def main(argv):
   quiet_library_logs()  # JAX, TFDS and Orbax INFO lines only at --verbosity=1
   del argv
   from spanlm.repro.runs import Preempted
-  if _WORKERS.value < 0:
-    raise SystemExit(f"error: --workers={_WORKERS.value} must be 0 (one per CPU core) or a positive number")
   try:
     rep = repro.run_claim(_CLAIM.value, _OUT.value, smoke=_SMOKE.value, glue_dir=_GLUE_DIR.value,
                           workers=_WORKERS.value, log=lambda s: print(s, flush=True))

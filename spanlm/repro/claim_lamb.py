@@ -27,7 +27,6 @@ premise fails (adamw-256 not behind adamw-32); otherwise "reproduced".
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -106,23 +105,20 @@ def verdict(final: dict[str, np.ndarray], unigram: np.ndarray) -> tuple[str, str
 
 def run(out: str, *, smoke: bool = False, log=print, workers: int = 0) -> report.Report:
   from spanlm.data import prepare
-  from spanlm.repro.runs import train_runs
+  from spanlm.repro.runs import run_dir, train_runs
 
   cfg = SMOKE if smoke else FULL
   base = arm_config("adamw-32", 0, cfg, "")
   corpus = prepare.ensure_prepared(base.data.corpus, out, base.train.seq_len, tokenizer=base.data.tokenizer,
                                    vocab_size=base.data.vocab_size,
                                    validation_fraction=base.data.validation_fraction, packing=base.data.packing)
-  def workdir(arm, seed):
-    return os.path.join(out, "runs", f"{arm}_seed{seed}")
-
-  train_runs([(arm_config(arm, seed, cfg, corpus), workdir(arm, seed)) for arm in ARMS
+  train_runs([(arm_config(arm, seed, cfg, corpus), run_dir(out, arm, seed)) for arm in ARMS
               for seed in range(cfg["seeds"])], workers, log)
   results = {}
   for arm in ARMS:
     curves = []
     for seed in range(cfg["seeds"]):
-      steps, m = read_evals(workdir(arm, seed))
+      steps, m = read_evals(run_dir(out, arm, seed))
       curves.append(m)
       log(f"{arm} seed {seed}: held-out MLM loss {m['eval/mlm_loss'][-1]:.3f}, "
           f"accuracy {m['eval/mlm_accuracy'][-1]:.3f}")

@@ -34,7 +34,6 @@ the plateau); then "not reproduced" when uniform's loss is better (spanlm.repro.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -130,28 +129,25 @@ def gradient_variance(workdir: str, cfg: dict, corpus: str, seed: int) -> dict:
 
 def run(out: str, *, smoke: bool = False, log=print, workers: int = 0) -> report.Report:
   from spanlm.data import prepare
-  from spanlm.repro.runs import train_runs
+  from spanlm.repro.runs import run_dir, train_runs
 
   cfg = SMOKE if smoke else FULL
   base = arm_config("mapnet", 0, cfg, "")
   corpus = prepare.ensure_prepared(base.data.corpus, out, base.train.seq_len, tokenizer=base.data.tokenizer,
                                    vocab_size=base.data.vocab_size,
                                    validation_fraction=base.data.validation_fraction, packing=base.data.packing)
-  def workdir(arm, seed):
-    return os.path.join(out, "runs", f"{arm}_seed{seed}")
-
-  train_runs([(arm_config(arm, seed, cfg, corpus), workdir(arm, seed)) for arm in ARMS
+  train_runs([(arm_config(arm, seed, cfg, corpus), run_dir(out, arm, seed)) for arm in ARMS
               for seed in range(cfg["seeds"])], workers, log)
   results, variance = {}, {a: [] for a in ARMS}
   for arm in ARMS:
     curves = []
     for seed in range(cfg["seeds"]):
-      steps, m = read_evals(workdir(arm, seed))
+      steps, m = read_evals(run_dir(out, arm, seed))
       curves.append(m)
       log(f"{arm} seed {seed}: held-out MLM loss {m['eval/mlm_loss'][-1]:.3f}, "
           f"accuracy {m['eval/mlm_accuracy'][-1]:.3f}")
       if arm == "mapnet":
-        v = gradient_variance(workdir(arm, seed), cfg, corpus, seed)
+        v = gradient_variance(run_dir(out, arm, seed), cfg, corpus, seed)
         for a in ARMS:
           variance[a].append(v[a])
         log(f"  relative gradient variance at its final parameters: {v}")

@@ -86,7 +86,7 @@ def squad_config(workdir: str, squad_file: str, cfg: dict, seed: int):
 def run(out: str, *, smoke: bool = False, log=print) -> report.Report:
   from spanlm import finetune
   from spanlm.data import prepare
-  from spanlm.repro.runs import train_runs
+  from spanlm.repro.runs import run_dir, train_runs
 
   cfg = SMOKE if smoke else FULL
   squad_file = os.environ.get("SQUAD_V11", "/work/shared/data/squad/dev-v1.1.reconstructed.json")
@@ -100,7 +100,7 @@ def run(out: str, *, smoke: bool = False, log=print) -> report.Report:
   for arm in ARMS:
     curves = []
     for seed in range(cfg["seeds"]):
-      workdir = os.path.join(out, "runs", f"{arm.replace('+', '_')}_seed{seed}")
+      workdir = run_dir(out, arm, seed)
       train_runs([(arm_config(arm, seed, cfg, corpus), workdir)], 1)  # then fine-tuned: one at a time
       steps, m = read_evals(workdir)
       curves.append(m)

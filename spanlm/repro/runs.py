@@ -57,6 +57,11 @@ def _train(config, workdir: str, prefix: bool) -> dict:
   return train.train_and_evaluate(config, workdir)
 
 
+def run_dir(out: str, arm: str, seed: int) -> str:
+  """The workdir of one (arm, seed) run of a claim writing to `out`."""
+  return os.path.join(out, "runs", f"{arm.replace('+', '_')}_seed{seed}")
+
+
 def default_workers(n_runs: int) -> int:
   """One process per CPU core on the CPU backend (at most `n_runs`); 1 on an accelerator."""
   import jax
